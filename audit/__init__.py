@@ -1,0 +1,1 @@
+"""audit: see DESIGN.md. Filled by a later issue; importable on its own."""

@@ -1,0 +1,1 @@
+"""bus: see DESIGN.md. Filled by a later issue; importable on its own."""

@@ -1,0 +1,115 @@
+"""The aiohttp application factory.
+
+Resources are created and closed in ``cleanup_ctx`` (in order: the policy
+engine, the upstream client session, the pipeline), so a graceful shutdown
+lets in-flight requests finish before anything they use is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+
+from gateway.config import Config, PolicyConfig
+from gateway.context import REQUEST_CONTEXT
+from gateway.health import ReadinessChecker, health
+from gateway.middleware import edge_middleware, set_security_headers
+from gateway.pipeline import Pipeline, PipelineDeps, build_pipeline
+from gateway.policy.engine import PolicyEngine
+from gateway.policy.opa import OpaEngine
+from gateway.policy.supervisor import LocalOpa
+from gateway.proxy import ReverseProxy
+
+__all__ = ["CONFIG", "ENGINE", "PIPELINE", "create_app"]
+
+_log = logging.getLogger("gateway.app")
+
+CONFIG: Final = web.AppKey("config", Config)
+ENGINE: Final = web.AppKey("engine", PolicyEngine)
+PIPELINE: Final = web.AppKey("pipeline", Pipeline)
+_HTTP: Final = web.AppKey("http_session", aiohttp.ClientSession)
+_READINESS: Final = web.AppKey("readiness", ReadinessChecker)
+
+
+def create_app(config: Config) -> web.Application:
+    """Build the gateway application for ``config``; nothing starts until it runs."""
+    app = web.Application(
+        middlewares=[
+            edge_middleware(
+                trusted_proxies=config.server.trusted_proxies,
+                access_log=config.logging.access_log,
+            )
+        ],
+        client_max_size=config.server.max_body_bytes,
+    )
+    app[CONFIG] = config
+    app.on_response_prepare.append(set_security_headers)
+    app.cleanup_ctx.append(_policy_engine)
+    app.cleanup_ctx.append(_http_session)
+    app.cleanup_ctx.append(_pipeline)
+    app.router.add_get("/health", health)
+    app.router.add_get("/_readyz", _readyz)
+    app.router.add_route("*", "/{tail:.*}", _proxy)
+    return app
+
+
+async def _proxy(request: web.Request) -> web.StreamResponse:
+    return await request.app[PIPELINE].handle(request[REQUEST_CONTEXT])
+
+
+async def _readyz(request: web.Request) -> web.StreamResponse:
+    return await request.app[_READINESS].handle(request)
+
+
+async def _policy_engine(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    local: LocalOpa | None = None
+    url = config.policy.url
+    if not url:
+        local = LocalOpa(_opa_binary(config.policy), Path(config.policy.bundle_dir))
+        await local.start()
+        url = local.url
+    engine = OpaEngine(
+        url, decision_path=config.policy.decision_path, timeout_s=config.policy.timeout_s
+    )
+    await engine.start()
+    app[ENGINE] = engine
+    app[_READINESS] = ReadinessChecker.for_config(config.dependencies, engine)
+    try:
+        yield
+    finally:
+        await engine.close()
+        if local is not None:
+            await local.stop()
+
+
+async def _http_session(app: web.Application) -> AsyncIterator[None]:
+    connector = aiohttp.TCPConnector(limit=1000, limit_per_host=256, ttl_dns_cache=30)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+        app[_HTTP] = session
+        yield
+
+
+async def _pipeline(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    proxy = ReverseProxy(
+        app[_HTTP],
+        max_body_bytes=config.server.max_body_bytes,
+        trusted_proxies=frozenset(config.server.trusted_proxies),
+    )
+    app[PIPELINE] = build_pipeline(PipelineDeps(config=config, engine=app[ENGINE], proxy=proxy))
+    yield
+
+
+def _opa_binary(policy: PolicyConfig) -> Path:
+    configured = Path(policy.opa_binary)
+    if configured.is_file():
+        return configured
+    found = shutil.which("opa")
+    return Path(found) if found else configured

@@ -1,0 +1,52 @@
+"""The per-request context that pipeline stages read and enrich."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from gateway.config import RouteConfig
+    from gateway.policy.engine import Decision
+
+__all__ = ["REQUEST_CONTEXT", "RequestContext", "Subject", "Tenant"]
+
+
+@dataclass(slots=True)
+class Tenant:
+    id: str
+    tier: str | None = None
+
+
+@dataclass(slots=True)
+class Subject:
+    sub: str | None = None
+    scopes: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+    agent_id: str | None = None
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What the pipeline knows about one request; stages fill it in order."""
+
+    request: web.Request
+    request_id: str
+    client_ip: str
+    started: float = field(default_factory=time.monotonic)
+    #: The stage running now, or the stage that ended the request.
+    stage: str = "intake"
+    route: RouteConfig | None = None
+    tenant: Tenant | None = None
+    subject: Subject = field(default_factory=Subject)
+    #: Signature parameters once the signature stage verified them.
+    signature: dict[str, Any] = field(default_factory=dict)
+    decision: Decision | None = None
+    upstream_status: int | None = None
+
+
+#: Request-scoped key under which the middleware stores the context.
+REQUEST_CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("request_context", RequestContext)

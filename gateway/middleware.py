@@ -1,0 +1,152 @@
+"""The HTTP edge: request ids, problem+json, the canonical log line, security headers.
+
+Everything here applies to every response the gateway sends, whether it
+comes from the pipeline, the gateway's own endpoints or the router.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Final
+
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler, Middleware
+
+from gateway.context import REQUEST_CONTEXT, RequestContext
+from gateway.errors import (
+    GatewayError,
+    InternalError,
+    MalformedRequest,
+    MethodNotAllowed,
+    NoRoute,
+    PayloadTooLarge,
+)
+from gateway.logs import REQUEST_ID
+from gateway.problem import problem_response
+
+__all__ = ["SECURITY_HEADERS", "client_ip", "edge_middleware", "set_security_headers"]
+
+_log = logging.getLogger("gateway.request")
+
+# SECURITY: set on every response, overriding an upstream's values, so the
+# perimeter's guarantees do not depend on each upstream's hygiene.
+SECURITY_HEADERS: Final = {
+    "Strict-Transport-Security": "max-age=63072000; includeSubDomains",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+_HTTP_EXCEPTIONS: Final[dict[int, type[GatewayError]]] = {
+    400: MalformedRequest,
+    404: NoRoute,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+}
+
+
+def client_ip(request: web.Request, trusted_proxies: frozenset[str]) -> str:
+    """The caller's address: the peer, or the nearest untrusted X-Forwarded-For hop."""
+    remote = request.remote or ""
+    if remote not in trusted_proxies:
+        return remote
+    hops = [
+        h.strip() for v in request.headers.getall(hdrs.X_FORWARDED_FOR, []) for h in v.split(",")
+    ]
+    for hop in reversed(hops):
+        if hop and hop not in trusted_proxies:
+            return hop if _is_ip(hop) else remote
+    return remote
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def edge_middleware(*, trusted_proxies: Iterable[str] = (), access_log: bool = True) -> Middleware:
+    """Give each request a context and an id; turn errors into problem+json."""
+    trusted = frozenset(trusted_proxies)
+
+    @web.middleware
+    async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = uuid.uuid4().hex
+        token = REQUEST_ID.set(request_id)
+        ctx = RequestContext(
+            request=request, request_id=request_id, client_ip=client_ip(request, trusted)
+        )
+        request[REQUEST_CONTEXT] = ctx
+        status = 500
+        error: GatewayError | None = None
+        try:
+            try:
+                response = await handler(request)
+            except GatewayError as exc:
+                error = exc
+            except web.HTTPException as exc:
+                error = _from_http_exception(exc)
+            except Exception:  # noqa: BLE001 - the edge turns any failure into a 500 problem
+                _log.exception("unhandled error", extra={"stage": ctx.stage})
+                error = InternalError("the gateway failed to handle this request")
+            if error is not None:
+                response = problem_response(error, request_id=request_id)
+            status = response.status
+            return response
+        finally:
+            if access_log:
+                _log_request(ctx, status, error)
+            REQUEST_ID.reset(token)
+
+    return edge
+
+
+def _from_http_exception(exc: web.HTTPException) -> GatewayError:
+    cls = _HTTP_EXCEPTIONS.get(exc.status)
+    if cls is None:
+        error = InternalError(exc.reason)
+        return error
+    headers = {"Allow": exc.headers[hdrs.ALLOW]} if hdrs.ALLOW in exc.headers else None
+    return cls(headers=headers)
+
+
+def _log_request(ctx: RequestContext, status: int, error: GatewayError | None) -> None:
+    request = ctx.request
+    decision = ctx.decision
+    entry: dict[str, object] = {
+        "method": request.method,
+        "path": request.path,  # SECURITY: never the query string, it may carry tokens
+        "route": ctx.route.name if ctx.route else None,
+        "status": status,
+        "stage": ctx.stage,
+        "duration_ms": round((time.monotonic() - ctx.started) * 1000, 3),
+        "client_ip": ctx.client_ip,
+        "tenant": ctx.tenant.id if ctx.tenant else None,
+    }
+    if decision is not None:
+        entry["decision_id"] = decision.decision_id
+        entry["policy_revision"] = decision.revision
+    if error is not None:
+        entry["error"] = error.code
+        entry["reasons"] = list(error.reasons)
+        if "decision_id" in error.extra:
+            entry["decision_id"] = error.extra["decision_id"]
+    if ctx.upstream_status is not None:
+        entry["upstream_status"] = ctx.upstream_status
+    level = logging.ERROR if status >= 500 else logging.INFO
+    _log.log(level, "request", extra=entry)
+
+
+async def set_security_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """``on_response_prepare`` hook: security headers and the request id."""
+    response.headers.update(SECURITY_HEADERS)
+    ctx = request.get(REQUEST_CONTEXT) if isinstance(request, web.Request) else None
+    if ctx is not None:
+        response.headers["X-Request-Id"] = ctx.request_id

@@ -1,0 +1,29 @@
+"""The ``ratelimit`` stage: per-tenant, per-agent and per-route limits with the limits library.
+
+Not implemented yet (issue #3): wired in its place in the pipeline and
+passes every request through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from gateway.context import RequestContext
+
+if TYPE_CHECKING:
+    from gateway.pipeline import PipelineDeps
+
+__all__ = ["Ratelimit", "build"]
+
+
+class Ratelimit:
+    name = "ratelimit"
+
+    async def run(self, ctx: RequestContext) -> web.StreamResponse | None:
+        return None
+
+
+def build(deps: PipelineDeps) -> Ratelimit:
+    return Ratelimit()

@@ -1,0 +1,49 @@
+"""Build the versioned policy input document (schema: schemas/policy-input.v1.json)."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from gateway.context import RequestContext
+
+__all__ = ["INPUT_VERSION", "build_input"]
+
+INPUT_VERSION: Final = 1
+
+
+def build_input(ctx: RequestContext) -> dict[str, Any]:
+    """The document the policy sees; nothing secret (no tokens, no signatures)."""
+    request = ctx.request
+    route = ctx.route
+    tenant = ctx.tenant
+    subject = ctx.subject
+    query: dict[str, list[str]] = {}
+    for key, value in request.rel_url.query.items():
+        query.setdefault(key, []).append(value)
+    return {
+        "version": INPUT_VERSION,
+        "request": {
+            "method": request.method,
+            "path": request.path,
+            "route": route.name if route else None,
+            "query": query,
+        },
+        "tenant": {"id": tenant.id, "tier": tenant.tier} if tenant else {"id": None, "tier": None},
+        "subject": {
+            "sub": subject.sub,
+            "scopes": list(subject.scopes),
+            "roles": list(subject.roles),
+            "agent_id": subject.agent_id,
+        },
+        "signature": {
+            "keyid": ctx.signature.get("keyid"),
+            "alg": ctx.signature.get("alg"),
+            "created": ctx.signature.get("created"),
+        },
+        "target": {
+            "kind": "upstream",
+            "destination": route.name if route else None,
+            "classification": None,
+        },
+        "source": {"ip": ctx.client_ip},
+    }

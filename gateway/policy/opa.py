@@ -1,0 +1,92 @@
+"""The reference engine: an OPA server over its REST Data API.
+
+Talks through ``opa-python-client``'s :class:`AsyncOpaClient`, which keeps one
+pooled aiohttp session. Its own retries are switched off: a decision that
+cannot be had within ``timeout_s`` fails closed at once, and the caller may
+retry its (idempotent) request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import yarl
+from opa_client.opa_async import AsyncOpaClient
+
+from gateway.policy.engine import Decision, PolicyEngineError
+from gateway.policy.result import interpret
+
+__all__ = ["OpaEngine"]
+
+
+class OpaEngine:
+    """Evaluates ``decision_path`` on the OPA server at ``url``."""
+
+    def __init__(self, url: str, *, decision_path: str, timeout_s: float) -> None:
+        parsed = yarl.URL(url)
+        if parsed.host is None or parsed.port is None:
+            raise ValueError(f"OPA URL needs a host and port: {url}")
+        self.url = url
+        package, _, rule = decision_path.rpartition("/")
+        self._package = package
+        self._rule = rule
+        self._timeout_s = timeout_s
+        self._client = AsyncOpaClient(
+            host=parsed.host,
+            port=parsed.port,
+            ssl=parsed.scheme == "https",
+            retries=0,
+            timeout=timeout_s,
+        )
+        self._started = False
+
+    async def start(self) -> None:
+        await self._client._init_session()
+        self._started = True
+
+    async def decide(self, document: Mapping[str, Any], decision_id: str) -> Decision:
+        if not self._started:
+            await self.start()
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                answer: dict[str, Any] = await self._client.query_rule(
+                    input_data=dict(document),
+                    package_path=self._package,
+                    rule_name=self._rule,
+                    query_params={"provenance": "true"},
+                )
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            # SECURITY: the engine could not answer; the caller fails closed.
+            raise PolicyEngineError(type(exc).__name__) from None
+        return interpret(
+            answer.get("result"),
+            decision_id=decision_id,
+            revision=_revision(answer.get("provenance")),
+            engine_decision_id=answer.get("decision_id"),
+        )
+
+    async def healthy(self) -> bool:
+        if not self._started:
+            await self.start()
+        result: bool = await self._client.check_health()
+        return result
+
+    async def close(self) -> None:
+        await self._client.close_connection()
+
+
+def _revision(provenance: Any) -> str:
+    """``name=revision`` pairs of the bundles OPA reported, sorted; "" if none."""
+    if not isinstance(provenance, Mapping):
+        return ""
+    bundles = provenance.get("bundles")
+    if not isinstance(bundles, Mapping):
+        return ""
+    pairs = []
+    for name, info in sorted(bundles.items()):
+        revision = info.get("revision", "") if isinstance(info, Mapping) else ""
+        pairs.append(f"{name}={revision}")
+    return ",".join(pairs)

@@ -1,0 +1,197 @@
+"""The reverse proxy: stream an allowed request to its upstream and back.
+
+Hop-by-hop headers (RFC 9110 §7.6.1, plus any named in ``Connection``) are
+dropped both ways; ``X-Forwarded-For/-Proto/-Host`` and ``X-Request-Id`` are
+set for the upstream. Bodies stream in both directions; the request body is
+cut off at the configured cap. Connection failures are 502, timeouts 504.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Final
+
+import aiohttp
+import yarl
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.config import RouteConfig
+from gateway.context import RequestContext
+from gateway.errors import PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
+
+__all__ = ["HOP_BY_HOP", "ReverseProxy"]
+
+_log = logging.getLogger("gateway.proxy")
+
+HOP_BY_HOP: Final = frozenset(
+    h.lower()
+    for h in (
+        hdrs.CONNECTION,
+        "Keep-Alive",
+        hdrs.PROXY_AUTHENTICATE,
+        hdrs.PROXY_AUTHORIZATION,
+        hdrs.TE,
+        hdrs.TRAILER,
+        hdrs.TRANSFER_ENCODING,
+        hdrs.UPGRADE,
+        "Proxy-Connection",
+    )
+)
+# Set by the proxy itself, never copied from the client.
+_REWRITTEN: Final = frozenset(
+    h.lower()
+    for h in (
+        hdrs.HOST,
+        hdrs.X_FORWARDED_FOR,
+        hdrs.X_FORWARDED_HOST,
+        hdrs.X_FORWARDED_PROTO,
+        "Forwarded",
+        "X-Request-Id",
+    )
+)
+_CHUNK: Final = 64 * 1024
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _CappedBody:
+    """The request body as a stream, cut off past ``limit`` bytes."""
+
+    def __init__(self, request: web.Request, limit: int) -> None:
+        self._request = request
+        self._limit = limit
+        self.exceeded = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self._request.content.iter_chunked(_CHUNK):
+            seen += len(chunk)
+            if seen > self._limit:
+                self.exceeded = True
+                raise _BodyTooLarge()
+            yield chunk
+
+
+class ReverseProxy:
+    """Forwards requests over one pooled client session."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        max_body_bytes: int,
+        trusted_proxies: frozenset[str] = frozenset(),
+    ) -> None:
+        self._session = session
+        self._max_body = max_body_bytes
+        self._trusted = trusted_proxies
+
+    async def forward(self, ctx: RequestContext, route: RouteConfig) -> web.StreamResponse:
+        request = ctx.request
+        url = _target_url(route, request)
+        timeout = aiohttp.ClientTimeout(total=route.timeout_s, connect=route.connect_timeout_s)
+        body = _CappedBody(request, self._max_body) if request.body_exists else None
+        try:
+            upstream = await self._session.request(
+                request.method,
+                url,
+                headers=_upstream_headers(ctx, url, self._trusted),
+                data=body.chunks() if body is not None else None,
+                timeout=timeout,
+                allow_redirects=False,
+                auto_decompress=False,
+            )
+        except (_BodyTooLarge, aiohttp.ClientError, TimeoutError) as exc:
+            # The body cap surfaces as whatever aiohttp wraps it in; check it first.
+            if body is not None and body.exceeded:
+                raise PayloadTooLarge(f"request body exceeds {self._max_body} bytes") from None
+            if isinstance(exc, TimeoutError):
+                raise UpstreamTimeout(
+                    f"upstream {route.name} did not answer within {route.timeout_s:g} s"
+                ) from None
+            _log.warning(
+                "upstream unavailable", extra={"route": route.name, "error": type(exc).__name__}
+            )
+            raise UpstreamUnavailable(f"upstream {route.name} is unavailable") from None
+        try:
+            return await self._relay(ctx, upstream, route)
+        finally:
+            upstream.release()
+
+    async def _relay(
+        self, ctx: RequestContext, upstream: aiohttp.ClientResponse, route: RouteConfig
+    ) -> web.StreamResponse:
+        ctx.upstream_status = upstream.status
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        for name, value in _response_headers(upstream.headers).items():
+            response.headers.add(name, value)
+        try:
+            first = await upstream.content.readany()
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"upstream {route.name} did not answer within {route.timeout_s:g} s"
+            ) from None
+        except aiohttp.ClientError:
+            raise UpstreamUnavailable(f"upstream {route.name} broke the exchange") from None
+        # From here on the status line is sent: a failure can only cut the body.
+        await response.prepare(ctx.request)
+        try:
+            chunk = first
+            while chunk:
+                await response.write(chunk)
+                chunk = await upstream.content.readany()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            _log.warning(
+                "upstream body cut short", extra={"route": route.name, "error": type(exc).__name__}
+            )
+            if ctx.request.transport is not None:
+                ctx.request.transport.close()
+            return response
+        await response.write_eof()
+        return response
+
+
+def _target_url(route: RouteConfig, request: web.Request) -> yarl.URL:
+    raw_path, _, query = request.raw_path.partition("?")
+    if route.strip_prefix:
+        raw_path = "/" + raw_path[len(route.prefix) :]
+    base = yarl.URL(route.upstream)
+    target = str(base.origin()) + base.raw_path.rstrip("/") + raw_path
+    return yarl.URL(target + ("?" + query if query else ""), encoded=True)
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    tokens: set[str] = set()
+    for value in headers.getall(hdrs.CONNECTION, []):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def _upstream_headers(
+    ctx: RequestContext, url: yarl.URL, trusted: frozenset[str]
+) -> CIMultiDict[str]:
+    request = ctx.request
+    drop = HOP_BY_HOP | _REWRITTEN | _connection_tokens(request.headers)
+    headers: CIMultiDict[str] = CIMultiDict(
+        (k, v) for k, v in request.headers.items() if k.lower() not in drop
+    )
+    forwarded_for = request.headers.get(hdrs.X_FORWARDED_FOR)
+    if forwarded_for and request.remote in trusted:
+        # SECURITY: only a trusted proxy's chain is kept; a client's is replaced.
+        headers[hdrs.X_FORWARDED_FOR] = f"{forwarded_for}, {request.remote}"
+    else:
+        headers[hdrs.X_FORWARDED_FOR] = request.remote or ""
+    headers[hdrs.X_FORWARDED_PROTO] = request.scheme
+    headers[hdrs.X_FORWARDED_HOST] = request.host
+    headers["X-Request-Id"] = ctx.request_id
+    headers[hdrs.HOST] = url.raw_authority
+    return headers
+
+
+def _response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    drop = HOP_BY_HOP | _connection_tokens(headers)
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)

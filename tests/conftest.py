@@ -1,0 +1,154 @@
+"""Shared fixtures: a real OPA, a real upstream, and gateways built on them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import create_app
+from gateway.config import Config, parse_config
+from gateway.echo import create_echo_app
+from gateway.server import GatewayRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS_BIN = Path(os.environ.get("TOOLS_BIN", ROOT / ".tools" / "bin"))
+OPA_BINARY = TOOLS_BIN / "opa"
+POLICY_DIR = ROOT / "policies" / "rego"
+TEST_POLICY_DIR = ROOT / "tests" / "fixtures" / "rego"
+
+GatewayFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+class GatewayTestServer(TestServer):
+    """A test server that runs the app the way ``gateway serve`` does."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return GatewayRunner(self.app, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class OpaProcess:
+    """A real ``opa run --server`` the tests can stop and start again."""
+
+    def __init__(self, *policy_dirs: Path) -> None:
+        if not OPA_BINARY.is_file():
+            pytest.fail(f"OPA not installed at {OPA_BINARY}: run scripts/tools")
+        self.port = free_port()
+        self.policy_dirs = policy_dirs
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                str(OPA_BINARY),
+                "run",
+                "--server",
+                "--addr",
+                f"127.0.0.1:{self.port}",
+                "--skip-version-check",
+                "--log-level",
+                "error",
+                *(str(d) for d in self.policy_dirs),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        pytest.fail("OPA did not become healthy")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def opa() -> Iterator[OpaProcess]:
+    """One OPA for the session, with the real policies and broken test fixtures."""
+    server = OpaProcess(POLICY_DIR, TEST_POLICY_DIR)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[TestServer]:
+    """A real aiohttp upstream (gateway.echo) on a loopback port."""
+    server = TestServer(create_echo_app(), host="127.0.0.1")
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+def gateway_config(opa_url: str, upstream_url: str, **sections: dict[str, Any]) -> Config:
+    """A config with the three test routes pointing at ``upstream_url``."""
+    table: dict[str, Any] = {
+        "version": 1,
+        "policy": {"url": opa_url, "timeout_s": 2.0},
+        "logging": {"level": "DEBUG"},
+        "routes": [
+            {"name": "echo", "prefix": "/echo/", "upstream": upstream_url, "timeout_s": 1.0},
+            {"name": "readonly", "prefix": "/readonly/", "upstream": upstream_url},
+            {"name": "locked", "prefix": "/locked/", "upstream": upstream_url},
+        ],
+    }
+    for name, values in sections.items():
+        if name == "routes":
+            table["routes"] = values
+        else:
+            table.setdefault(name, {}).update(values)
+    return parse_config(table)
+
+
+@pytest.fixture
+async def make_gateway(opa: OpaProcess, upstream: TestServer) -> AsyncIterator[GatewayFactory]:
+    """Build gateways against the session OPA and the test upstream."""
+    clients: list[TestClient[Any, Any]] = []
+    upstream_url = str(upstream.make_url("")).rstrip("/")
+
+    async def factory(**sections: dict[str, Any]) -> TestClient[Any, Any]:
+        config = gateway_config(opa.url, upstream_url, **sections)
+        client: TestClient[Any, Any] = TestClient(
+            GatewayTestServer(create_app(config), host="127.0.0.1")
+        )
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield factory
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
+async def gateway(make_gateway: GatewayFactory) -> TestClient[Any, Any]:
+    """A gateway with the default test config."""
+    return await make_gateway()
