@@ -1,0 +1,175 @@
+"""Config: parsed once into frozen objects; every fault names its key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import DEFAULT_CONFIG, Config, ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ROUTE = {"name": "echo", "prefix": "/echo/", "upstream": "http://127.0.0.1:9"}
+
+
+class TestParse:
+    def test_defaults_are_valid(self) -> None:
+        """An empty file is a valid single-node config."""
+        assert parse_config({}) == DEFAULT_CONFIG
+
+    def test_shipped_config_is_valid(self) -> None:
+        """config/gateway.toml, used by the run command, parses."""
+        config = load_config(ROOT / "config" / "gateway.toml", environ={})
+        assert [r.name for r in config.routes] == ["echo", "readonly", "locked"]
+
+    def test_objects_are_frozen(self) -> None:
+        """Config cannot change after start-up."""
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            DEFAULT_CONFIG.server.port = 1  # type: ignore[misc]
+
+    def test_integers_widen_to_floats(self) -> None:
+        """timeout_s = 1 is read as 1.0."""
+        config = parse_config({"policy": {"timeout_s": 1}})
+        assert config.policy.timeout_s == 1.0
+
+    @pytest.mark.parametrize(
+        ("table", "key", "message"),
+        [
+            pytest.param({"version": 2}, "version", "unsupported", id="version"),
+            pytest.param({"sever": {}}, "sever", "unknown key", id="unknown-section"),
+            pytest.param({"server": {"prot": 1}}, "server.prot", "unknown key", id="unknown-key"),
+            pytest.param({"server": {"port": "80"}}, "server.port", "integer", id="port-type"),
+            pytest.param({"server": {"port": True}}, "server.port", "integer", id="port-bool"),
+            pytest.param({"server": {"port": 70000}}, "server.port", "between", id="port-range"),
+            pytest.param({"server": 3}, "server", "table", id="section-type"),
+            pytest.param(
+                {"server": {"max_body_bytes": -1}}, "server.max_body_bytes", ">= 0", id="body"
+            ),
+            pytest.param({"policy": {"engine": "cedar"}}, "policy.engine", "one of", id="engine"),
+            pytest.param({"policy": {"url": "ftp://x"}}, "policy.url", "http", id="opa-scheme"),
+            pytest.param({"policy": {"timeout_s": 0}}, "policy.timeout_s", "> 0", id="timeout"),
+            pytest.param(
+                {"policy": {"decision_path": "data.x"}}, "policy.decision_path", "slash", id="path"
+            ),
+            pytest.param(
+                {"dependencies": {"redis_url": "http://x"}},
+                "dependencies.redis_url",
+                "redis://",
+                id="redis-scheme",
+            ),
+            pytest.param(
+                {"dependencies": {"postgres_dsn": "mysql://x"}},
+                "dependencies.postgres_dsn",
+                "postgresql://",
+                id="pg-scheme",
+            ),
+            pytest.param({"logging": {"level": "LOUD"}}, "logging.level", "one of", id="level"),
+            pytest.param({"routes": {}}, "routes", "array", id="routes-type"),
+            pytest.param({"routes": [{"name": "x"}]}, "routes[0].prefix", "required", id="missing"),
+            pytest.param(
+                {"routes": [{**ROUTE, "prefix": "echo"}]}, "routes[0].prefix", "'/'", id="prefix"
+            ),
+            pytest.param(
+                {"routes": [{**ROUTE, "name": "Echo!"}]}, "routes[0].name", "lower-case", id="name"
+            ),
+            pytest.param(
+                {"routes": [{**ROUTE, "upstream": "http://u:p@h"}]},
+                "routes[0].upstream",
+                "credentials",
+                id="credentials-in-url",
+            ),
+            pytest.param(
+                {"routes": [{**ROUTE, "upstream": "file:///etc"}]},
+                "routes[0].upstream",
+                "http",
+                id="upstream-scheme",
+            ),
+            pytest.param(
+                {"routes": [ROUTE, {**ROUTE, "prefix": "/other/"}]},
+                "routes[1].name",
+                "duplicate",
+                id="duplicate-name",
+            ),
+            pytest.param(
+                {"routes": [ROUTE, {**ROUTE, "name": "other"}]},
+                "routes[1].prefix",
+                "duplicate",
+                id="duplicate-prefix",
+            ),
+        ],
+    )
+    def test_bad_values_name_the_key(self, table: dict[str, Any], key: str, message: str) -> None:
+        """A bad value is refused with the dotted key at fault and why."""
+        with pytest.raises(ConfigError) as caught:
+            parse_config(table)
+        assert caught.value.key == key
+        assert message in caught.value.message
+
+
+class TestLoad:
+    def test_missing_file(self, tmp_path: Path) -> None:
+        """A config path that does not exist is an error, not defaults."""
+        with pytest.raises(ConfigError, match="does not exist"):
+            load_config(tmp_path / "nope.toml", environ={})
+
+    def test_invalid_toml(self, tmp_path: Path) -> None:
+        """Broken TOML is reported as such."""
+        path = tmp_path / "bad.toml"
+        path.write_text("[server\nport = 1\n")
+        with pytest.raises(ConfigError, match="not valid TOML"):
+            load_config(path, environ={})
+
+    @pytest.mark.parametrize(
+        ("environ", "check"),
+        [
+            pytest.param(
+                {"NOPS_GATEWAY__SERVER__PORT": "9000"},
+                lambda c: c.server.port == 9000,
+                id="int",
+            ),
+            pytest.param(
+                {"NOPS_GATEWAY__POLICY__URL": "http://opa:8181"},
+                lambda c: c.policy.url == "http://opa:8181",
+                id="bare-string",
+            ),
+            pytest.param(
+                {"NOPS_GATEWAY__LOGGING__ACCESS_LOG": "false"},
+                lambda c: c.logging.access_log is False,
+                id="bool",
+            ),
+            pytest.param(
+                {"NOPS_GATEWAY__SERVER__TRUSTED_PROXIES": '["10.0.0.1"]'},
+                lambda c: c.server.trusted_proxies == ("10.0.0.1",),
+                id="array",
+            ),
+            pytest.param({"OTHER_PORT": "1"}, lambda c: c.server.port == 8080, id="ignored"),
+        ],
+    )
+    def test_environment_overrides(
+        self, tmp_path: Path, environ: dict[str, str], check: Any
+    ) -> None:
+        """NOPS_GATEWAY__SECTION__KEY overrides the file."""
+        path = tmp_path / "gateway.toml"
+        path.write_text("version = 1\n[server]\nport = 8080\n")
+        assert check(load_config(path, environ=environ))
+
+    @pytest.mark.parametrize(
+        ("environ", "key"),
+        [
+            pytest.param({"NOPS_GATEWAY__SERVER__PORT": "abc"}, "server.port", id="type"),
+            pytest.param({"NOPS_GATEWAY__SERVER__NOPE": "1"}, "server.nope", id="unknown"),
+            pytest.param({"NOPS_GATEWAY__SERVER____X": "1"}, "server..x", id="malformed"),
+        ],
+    )
+    def test_bad_overrides_name_the_key(self, environ: dict[str, str], key: str) -> None:
+        """An override is validated like the file, and named by its dotted key."""
+        with pytest.raises(ConfigError) as caught:
+            load_config(None, environ=environ)
+        assert caught.value.key == key
+
+    def test_config_is_typed(self) -> None:
+        """The loaded object is the frozen Config."""
+        assert isinstance(load_config(None, environ={}), Config)
