@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
 
 import aiohttp
 from aiohttp import web
+from redis.asyncio import Redis
 
 from gateway.config import Config, PolicyConfig
 from gateway.context import REQUEST_CONTEXT
 from gateway.health import ReadinessChecker, health
+from gateway.metrics import Metrics
 from gateway.middleware import edge_middleware, set_security_headers
 from gateway.pipeline import Pipeline, PipelineDeps, build_pipeline
 from gateway.policy.engine import PolicyEngine
@@ -26,22 +29,27 @@ from gateway.policy.opa import OpaEngine
 from gateway.policy.supervisor import LocalOpa
 from gateway.proxy import ReverseProxy
 
-__all__ = ["CONFIG", "ENGINE", "PIPELINE", "create_app"]
+__all__ = ["CONFIG", "ENGINE", "METRICS", "PIPELINE", "REDIS", "create_app"]
 
 _log = logging.getLogger("gateway.app")
 
 CONFIG: Final = web.AppKey("config", Config)
 ENGINE: Final = web.AppKey("engine", PolicyEngine)
 PIPELINE: Final = web.AppKey("pipeline", Pipeline)
+METRICS: Final = web.AppKey("metrics", Metrics)
+#: The shared Redis client, or None on a single node without Redis.
+REDIS: Final[web.AppKey[Redis | None]] = web.AppKey("redis")
 _HTTP: Final = web.AppKey("http_session", aiohttp.ClientSession)
 _READINESS: Final = web.AppKey("readiness", ReadinessChecker)
 
 
 def create_app(config: Config) -> web.Application:
     """Build the gateway application for ``config``; nothing starts until it runs."""
+    metrics = Metrics()
     app = web.Application(
         middlewares=[
             edge_middleware(
+                metrics=metrics,
                 trusted_proxies=config.server.trusted_proxies,
                 access_log=config.logging.access_log,
             )
@@ -49,7 +57,9 @@ def create_app(config: Config) -> web.Application:
         client_max_size=config.server.max_body_bytes,
     )
     app[CONFIG] = config
+    app[METRICS] = metrics
     app.on_response_prepare.append(set_security_headers)
+    app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_policy_engine)
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_pipeline)
@@ -80,13 +90,28 @@ async def _policy_engine(app: web.Application) -> AsyncIterator[None]:
     )
     await engine.start()
     app[ENGINE] = engine
-    app[_READINESS] = ReadinessChecker.for_config(config.dependencies, engine)
+    app[_READINESS] = ReadinessChecker.for_config(config.dependencies, engine, app[REDIS])
     try:
         yield
     finally:
         await engine.close()
         if local is not None:
             await local.stop()
+
+
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    url = app[CONFIG].dependencies.redis_url
+    if not url:
+        app[REDIS] = None
+        yield
+        return
+    timeout = app[CONFIG].dependencies.probe_timeout_s
+    client: Redis = Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    app[REDIS] = client
+    try:
+        yield
+    finally:
+        await client.aclose()
 
 
 async def _http_session(app: web.Application) -> AsyncIterator[None]:
@@ -103,7 +128,16 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
         max_body_bytes=config.server.max_body_bytes,
         trusted_proxies=frozenset(config.server.trusted_proxies),
     )
-    app[PIPELINE] = build_pipeline(PipelineDeps(config=config, engine=app[ENGINE], proxy=proxy))
+    app[PIPELINE] = build_pipeline(
+        PipelineDeps(
+            config=config,
+            engine=app[ENGINE],
+            proxy=proxy,
+            redis=app[REDIS],
+            metrics=app[METRICS],
+            clock=time.time,
+        )
+    )
     yield
 
 

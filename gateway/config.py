@@ -4,6 +4,11 @@ The file is parsed once, at start-up, into frozen dataclasses. Every problem
 is reported as a :class:`ConfigError` naming the dotted key at fault, so
 ``gateway check-config`` can say exactly what to fix.
 
+Supported field types: str, int, float, bool, Literal[...], ``X | None``
+(TOML has no null: absent means the default), ``tuple[X, ...]`` (arrays),
+``dict[str, X]`` (tables, frozen as a read-only mapping) and nested frozen
+dataclasses (tables and arrays of tables).
+
 Environment overrides use ``NOPS_GATEWAY__<SECTION>__<KEY>`` (double
 underscores between levels), for example ``NOPS_GATEWAY__SERVER__PORT=9000``
 or ``NOPS_GATEWAY__POLICY__URL=http://opa:8181``. Values are parsed as TOML
@@ -276,8 +281,18 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if value not in allowed:
             raise ConfigError(key, f"must be one of {', '.join(map(repr, allowed))}")
         return value
+    if origin is dict:
+        value_type = typing.get_args(hint)[1]
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, "must be a table")
+        return types.MappingProxyType(
+            {str(k): _coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
+        )
     if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"unsupported config type at {key}")
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"unsupported config type {hint!r} at {key}")
+        return _coerce(args[0], value, key)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(key, "must be true or false")

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import asyncpg
 import orjson
-import redis.asyncio as redis_asyncio
 from aiohttp import web
+from redis.asyncio import Redis
 
 from gateway.config import DependenciesConfig
 from gateway.context import REQUEST_CONTEXT
@@ -38,10 +38,12 @@ class ReadinessChecker:
     timeout_s: float
 
     @classmethod
-    def for_config(cls, deps: DependenciesConfig, engine: PolicyEngine) -> ReadinessChecker:
+    def for_config(
+        cls, deps: DependenciesConfig, engine: PolicyEngine, redis: Redis | None
+    ) -> ReadinessChecker:
         probes: dict[str, Probe] = {"opa": engine.healthy}
-        if deps.redis_url:
-            probes["redis"] = lambda: _redis_ok(deps.redis_url, deps.probe_timeout_s)
+        if redis is not None:
+            probes["redis"] = lambda: _redis_ok(redis)
         if deps.postgres_dsn:
             probes["postgres"] = lambda: _postgres_ok(deps.postgres_dsn, deps.probe_timeout_s)
         return cls(probes, deps.probe_timeout_s)
@@ -73,12 +75,8 @@ class ReadinessChecker:
         return web.Response(body=body, content_type="application/json")
 
 
-async def _redis_ok(url: str, timeout_s: float) -> bool:
-    client = redis_asyncio.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
-    try:
-        return bool(await client.ping())
-    finally:
-        await client.aclose()
+async def _redis_ok(client: Redis) -> bool:
+    return bool(await client.ping())
 
 
 async def _postgres_ok(dsn: str, timeout_s: float) -> bool:

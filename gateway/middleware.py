@@ -26,6 +26,7 @@ from gateway.errors import (
     PayloadTooLarge,
 )
 from gateway.logs import REQUEST_ID
+from gateway.metrics import Metrics
 from gateway.problem import problem_response
 
 __all__ = ["SECURITY_HEADERS", "client_ip", "edge_middleware", "set_security_headers"]
@@ -72,7 +73,9 @@ def _is_ip(value: str) -> bool:
     return True
 
 
-def edge_middleware(*, trusted_proxies: Iterable[str] = (), access_log: bool = True) -> Middleware:
+def edge_middleware(
+    *, metrics: Metrics, trusted_proxies: Iterable[str] = (), access_log: bool = True
+) -> Middleware:
     """Give each request a context and an id; turn errors into problem+json."""
     trusted = frozenset(trusted_proxies)
 
@@ -101,6 +104,12 @@ def edge_middleware(*, trusted_proxies: Iterable[str] = (), access_log: bool = T
             status = response.status
             return response
         finally:
+            metrics.record(
+                ctx.stage if error else "done",
+                status,
+                error.code if error else None,
+                error.reasons if error else (),
+            )
             if access_log:
                 _log_request(ctx, status, error)
             REQUEST_ID.reset(token)

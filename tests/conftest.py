@@ -19,6 +19,7 @@ from gateway.app import create_app
 from gateway.config import Config, parse_config
 from gateway.echo import create_echo_app
 from gateway.server import GatewayRunner
+from tests.services import PostgresService, RedisService
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS_BIN = Path(os.environ.get("TOOLS_BIN", ROOT / ".tools" / "bin"))
@@ -97,6 +98,38 @@ def opa() -> Iterator[OpaProcess]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisService]:
+    """A real Redis for the session; tests that stop it must start it again."""
+    service = RedisService(tmp_path_factory.mktemp("redis"))
+    service.start()
+    yield service
+    service.close()
+
+
+@pytest.fixture
+def redis_server(redis_service: RedisService) -> RedisService:
+    """The session Redis, running (restarted if a previous test stopped it)."""
+    redis_service.start()
+    return redis_service
+
+
+@pytest.fixture(scope="session")
+def postgres_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresService]:
+    """A real PostgreSQL for the session."""
+    service = PostgresService(tmp_path_factory.mktemp("postgres"))
+    service.start()
+    yield service
+    service.close()
+
+
+@pytest.fixture
+def postgres_server(postgres_service: PostgresService) -> PostgresService:
+    """The session PostgreSQL, running (restarted if a previous test stopped it)."""
+    postgres_service.start()
+    return postgres_service
 
 
 @pytest.fixture

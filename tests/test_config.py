@@ -173,3 +173,25 @@ class TestLoad:
     def test_config_is_typed(self) -> None:
         """The loaded object is the frozen Config."""
         assert isinstance(load_config(None, environ={}), Config)
+
+
+class TestTypes:
+    def test_dict_and_optional_fields(self) -> None:
+        """dict[str, X] becomes a read-only mapping; X | None takes X."""
+        from dataclasses import dataclass
+
+        from gateway.config import _build
+
+        @dataclass(frozen=True)
+        class Section:
+            limits: dict[str, int]
+            note: str | None = None
+
+        section = _build(Section, {"limits": {"a": 1}, "note": "n"}, "s")
+        assert section.limits == {"a": 1}
+        assert section.note == "n"
+        with pytest.raises(TypeError):
+            section.limits["b"] = 2
+        with pytest.raises(ConfigError) as caught:
+            _build(Section, {"limits": {"a": "x"}}, "s")
+        assert caught.value.key == "s.limits.a"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
@@ -13,24 +12,10 @@ from aiohttp.test_utils import TestClient
 from gateway.middleware import SECURITY_HEADERS
 from gateway.problem import PROBLEM_CONTENT_TYPE, problem_type
 from tests.conftest import GatewayFactory, OpaProcess, free_port
+from tests.problems import assert_problem
 from tests.rawhttp import raw_request
 
 Client = TestClient[Any, Any]
-
-
-async def assert_problem(
-    response: aiohttp.ClientResponse, status: int, code: str, reasons: list[str] | None = None
-) -> dict[str, Any]:
-    """The response is problem+json with this status, type and (optionally) reasons."""
-    assert response.status == status
-    assert response.content_type == PROBLEM_CONTENT_TYPE
-    body: dict[str, Any] = await response.json(content_type=PROBLEM_CONTENT_TYPE)
-    assert body["type"] == problem_type(code)
-    assert body["status"] == status
-    assert body["request_id"] == response.headers["X-Request-Id"]
-    if reasons is not None:
-        assert body["reasons"] == reasons
-    return body
 
 
 class TestAllowedRequests:

@@ -9,15 +9,18 @@ knows about the next; the order below is the only place it is written.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
 from aiohttp import web
+from redis.asyncio import Redis
 
 from gateway.config import Config
 from gateway.context import RequestContext
 from gateway.errors import InternalError
+from gateway.metrics import Metrics
 from gateway.pipeline import (
     audit,
     decision,
@@ -47,6 +50,11 @@ class PipelineDeps:
     config: Config
     engine: PolicyEngine
     proxy: ReverseProxy
+    metrics: Metrics
+    #: Shared state for a cluster; None on a single node without Redis.
+    redis: Redis | None = None
+    #: Wall-clock seconds (time.time); tests pin it.
+    clock: Callable[[], float] = time.time
 
 
 StageFactory = Callable[[PipelineDeps], Stage]

@@ -1,0 +1,30 @@
+"""In-process counters, labelled by bounded values only (stage, code, reason).
+
+Exported by the metrics endpoint (issue #9); tests and the admin plane read
+them directly. Label values come from code (stage names, error codes, policy
+reason codes), never from request data, so cardinality stays bounded.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["Metrics"]
+
+
+@dataclass(slots=True)
+class Metrics:
+    #: Requests ended by a problem, by (stage, error code).
+    denials: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: Denials by (stage, reason) for errors that carry reasons.
+    denial_reasons: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: Responses by status class ("2xx" ...).
+    responses: Counter[str] = field(default_factory=Counter)
+
+    def record(self, stage: str, status: int, code: str | None, reasons: tuple[str, ...]) -> None:
+        self.responses[f"{status // 100}xx"] += 1
+        if code is not None:
+            self.denials[(stage, code)] += 1
+            for reason in reasons:
+                self.denial_reasons[(stage, reason)] += 1
