@@ -7,9 +7,13 @@ turned into RFC 9457 problem+json only at the HTTP edge
 
     GatewayError
      ├── MalformedRequest          400 malformed-request
+     ├── MissingCredentials        401 missing-credentials  (carries reasons)
+     ├── InvalidToken              401 invalid-token        (carries reasons)
      ├── NoRoute                   404 no-route
      ├── MethodNotAllowed          405 method-not-allowed
      ├── PayloadTooLarge           413 payload-too-large
+     ├── InsufficientScope         403 insufficient-scope   (carries reasons)
+     ├── TenantMismatch            403 tenant-mismatch
      ├── PolicyDenied              403 policy-denied        (carries reasons)
      ├── PolicyUnavailable         503 policy-unavailable
      ├── DependencyUnavailable     503 dependency-unavailable
@@ -29,13 +33,17 @@ from typing import Any, ClassVar
 __all__ = [
     "DependencyUnavailable",
     "GatewayError",
+    "InsufficientScope",
     "InternalError",
+    "InvalidToken",
     "MalformedRequest",
     "MethodNotAllowed",
+    "MissingCredentials",
     "NoRoute",
     "PayloadTooLarge",
     "PolicyDenied",
     "PolicyUnavailable",
+    "TenantMismatch",
     "UpstreamTimeout",
     "UpstreamUnavailable",
 ]
@@ -67,6 +75,36 @@ class MalformedRequest(GatewayError):
     code = "malformed-request"
     status = 400
     title = "Malformed request"
+
+
+class MissingCredentials(GatewayError):
+    """The route needs a credential (bearer token or API key) the request lacks."""
+
+    code = "missing-credentials"
+    status = 401
+    title = "Credentials required"
+
+
+class InvalidToken(GatewayError):
+    """A presented credential is malformed, unverifiable, expired or not for us."""
+
+    code = "invalid-token"
+    status = 401
+    title = "Invalid credentials"
+
+
+class InsufficientScope(GatewayError):
+    code = "insufficient-scope"
+    status = 403
+    title = "Insufficient scope"
+
+
+class TenantMismatch(GatewayError):
+    """The credential's tenant is not the tenant that signed the request."""
+
+    code = "tenant-mismatch"
+    status = 403
+    title = "Credential tenant does not match the signing tenant"
 
 
 class NoRoute(GatewayError):

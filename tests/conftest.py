@@ -142,14 +142,24 @@ async def upstream() -> AsyncIterator[TestServer]:
 
 
 def gateway_config(opa_url: str, upstream_url: str, **sections: dict[str, Any]) -> Config:
-    """A config with the three test routes pointing at ``upstream_url``."""
+    """A config with the three test routes pointing at ``upstream_url``.
+
+    ``echo`` and ``readonly`` are anonymous (``auth = "none"``); ``locked``
+    keeps the default ``auth = "jwt"``.
+    """
     table: dict[str, Any] = {
         "version": 1,
         "policy": {"url": opa_url, "timeout_s": 2.0},
         "logging": {"level": "DEBUG"},
         "routes": [
-            {"name": "echo", "prefix": "/echo/", "upstream": upstream_url, "timeout_s": 1.0},
-            {"name": "readonly", "prefix": "/readonly/", "upstream": upstream_url},
+            {
+                "name": "echo",
+                "prefix": "/echo/",
+                "upstream": upstream_url,
+                "timeout_s": 1.0,
+                "auth": "none",
+            },
+            {"name": "readonly", "prefix": "/readonly/", "upstream": upstream_url, "auth": "none"},
             {"name": "locked", "prefix": "/locked/", "upstream": upstream_url},
         ],
     }
