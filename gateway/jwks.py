@@ -189,9 +189,10 @@ class JwksCache:
             return keys[kid]
         self._start_refresh(now)
         if self._task is not None:
-            # SECURITY: shielded, so a caller that goes away cannot cancel the
-            # fetch every other waiter shares.
-            await asyncio.shield(self._task)
+            # SECURITY: asyncio.wait, so a caller that goes away cannot cancel
+            # the fetch every other waiter shares (and a shutdown that cancels
+            # the fetch does not raise CancelledError into the waiters).
+            await asyncio.wait((self._task,))
         if self._keys is None:
             raise JwksUnavailable(self.issuer)
         return self._keys.get(kid)

@@ -262,11 +262,9 @@ def _identity(claims: Mapping[str, Any], config: IssuerConfig, kid: str | None) 
 
     sub = claims["sub"]
     tenant = claims.get(config.tenant_claim)
-    if not isinstance(sub, str) or not sub:
-        raise malformed()
-    if tenant is None or tenant == "":
+    if sub == "" or tenant is None or tenant == "":
         raise TokenRejected("claim_missing", issuer=config.issuer, kid=kid)
-    if not isinstance(tenant, str):
+    if not isinstance(sub, str) or not isinstance(tenant, str):
         raise malformed()
     agent_id = claims.get(config.agent_claim)
     if agent_id is not None and not isinstance(agent_id, str):

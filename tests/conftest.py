@@ -19,6 +19,7 @@ from gateway.app import create_app
 from gateway.config import Config, parse_config
 from gateway.echo import create_echo_app
 from gateway.server import GatewayRunner
+from tests.jwtissuer import FakeIssuer
 from tests.services import PostgresService, RedisService
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +142,17 @@ async def upstream() -> AsyncIterator[TestServer]:
     await server.close()
 
 
-def gateway_config(opa_url: str, upstream_url: str, **sections: dict[str, Any]) -> Config:
+@pytest.fixture
+async def jwt_issuer() -> AsyncIterator[FakeIssuer]:
+    """A fake token issuer with one RS256 key, its JWKS served over real HTTP."""
+    issuer = FakeIssuer()
+    issuer.add_key("RS256")
+    await issuer.start()
+    yield issuer
+    await issuer.close()
+
+
+def gateway_config(opa_url: str, upstream_url: str, **sections: Any) -> Config:
     """A config with the three test routes pointing at ``upstream_url``.
 
     ``echo`` and ``readonly`` are anonymous (``auth = "none"``); ``locked``
@@ -164,8 +175,8 @@ def gateway_config(opa_url: str, upstream_url: str, **sections: dict[str, Any]) 
         ],
     }
     for name, values in sections.items():
-        if name == "routes":
-            table["routes"] = values
+        if isinstance(values, list):  # arrays of tables: routes, api_keys
+            table[name] = values
         else:
             table.setdefault(name, {}).update(values)
     return parse_config(table)
@@ -177,7 +188,7 @@ async def make_gateway(opa: OpaProcess, upstream: TestServer) -> AsyncIterator[G
     clients: list[TestClient[Any, Any]] = []
     upstream_url = str(upstream.make_url("")).rstrip("/")
 
-    async def factory(**sections: dict[str, Any]) -> TestClient[Any, Any]:
+    async def factory(**sections: Any) -> TestClient[Any, Any]:
         config = gateway_config(opa.url, upstream_url, **sections)
         client: TestClient[Any, Any] = TestClient(
             GatewayTestServer(create_app(config), host="127.0.0.1")
