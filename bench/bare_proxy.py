@@ -31,7 +31,10 @@ def create_app(upstream: str) -> web.Application:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
         body = await request.read() if request.body_exists else None
         async with app[_SESSION].request(
-            request.method, upstream + request.raw_path, headers=headers, data=body,
+            request.method,
+            upstream + request.raw_path,
+            headers=headers,
+            data=body,
             allow_redirects=False,
         ) as upstream_response:
             payload = await upstream_response.read()

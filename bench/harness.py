@@ -53,8 +53,10 @@ class Stack:
 
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def spawn(self, argv: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(  # noqa: S603 - fixed argv built by the benchmark
+    def spawn(
+        self, argv: Sequence[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
             list(argv),
             cwd=ROOT,
             env={**os.environ, **(env or {})},
@@ -66,8 +68,17 @@ class Stack:
 
     def opa(self, port: int, *paths: str) -> subprocess.Popen[bytes]:
         return self.spawn(
-            [str(OPA), "run", "--server", "--addr", f"127.0.0.1:{port}",
-             "--skip-version-check", "--log-level", "error", *paths]
+            [
+                str(OPA),
+                "run",
+                "--server",
+                "--addr",
+                f"127.0.0.1:{port}",
+                "--skip-version-check",
+                "--log-level",
+                "error",
+                *paths,
+            ]
         )
 
     def close(self) -> None:
@@ -140,7 +151,7 @@ def run_wrk(
     if script is not None:
         argv += ["-s", str(script)]
     before = {name: cpu_seconds(pid) for name, pid in (watch or {}).items()}
-    output = subprocess.run(  # noqa: S603 - fixed argv
+    output = subprocess.run(
         [*argv, url], check=True, capture_output=True, text=True
     ).stdout
     after = {name: cpu_seconds(pid) for name, pid in (watch or {}).items()}
@@ -153,9 +164,7 @@ def run_wrk(
     errors = int(errors_match.group(1)) if errors_match else 0
     if socket_errors:
         errors += sum(int(n) for n in re.findall(r"\d+", socket_errors.group(0)))
-    cpu = {
-        name: (after[name] - before[name]) / max(requests, 1) * 1e6 for name in before
-    }
+    cpu = {name: (after[name] - before[name]) / max(requests, 1) * 1e6 for name in before}
     return LoadResult(requests, rps, p50, p99, errors, cpu)
 
 

@@ -59,14 +59,29 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, "-m", "gateway.echo", "--port", str(ports["upstream"])]
         )
         bare = procs.spawn(
-            [sys.executable, "-m", "bench.bare_proxy", "--port", str(ports["bare"]),
-             "--upstream", f"http://127.0.0.1:{ports['upstream']}"]
+            [
+                sys.executable,
+                "-m",
+                "bench.bare_proxy",
+                "--port",
+                str(ports["bare"]),
+                "--upstream",
+                f"http://127.0.0.1:{ports['upstream']}",
+            ]
         )
         wait_http(f"http://127.0.0.1:{ports['opa']}/health")
         wait_http(f"http://127.0.0.1:{ports['upstream']}{PATH}")
         gateway = procs.spawn(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config),
-             "--port", str(ports["gateway"])]
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "serve",
+                "--config",
+                str(config),
+                "--port",
+                str(ports["gateway"]),
+            ]
         )
         startup_s = wait_http(f"http://127.0.0.1:{ports['gateway']}/health")
         wait_http(f"http://127.0.0.1:{ports['bare']}{PATH}")
@@ -75,22 +90,33 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, list[LoadResult]] = {"bare": [], "gateway": []}
         for _ in range(args.rounds):
             runs["bare"].append(
-                run_wrk(f"http://127.0.0.1:{ports['bare']}{PATH}", duration_s=args.duration,
-                        connections=args.connections,
-                        watch={"proxy": bare.pid, "upstream": upstream.pid})
+                run_wrk(
+                    f"http://127.0.0.1:{ports['bare']}{PATH}",
+                    duration_s=args.duration,
+                    connections=args.connections,
+                    watch={"proxy": bare.pid, "upstream": upstream.pid},
+                )
             )
             runs["gateway"].append(
-                run_wrk(f"http://127.0.0.1:{ports['gateway']}{PATH}", duration_s=args.duration,
-                        connections=args.connections,
-                        watch={"proxy": gateway.pid, "opa": opa.pid, "upstream": upstream.pid})
+                run_wrk(
+                    f"http://127.0.0.1:{ports['gateway']}{PATH}",
+                    duration_s=args.duration,
+                    connections=args.connections,
+                    watch={"proxy": gateway.pid, "opa": opa.pid, "upstream": upstream.pid},
+                )
             )
         loaded_rss = rss_mb(gateway.pid)
 
     summary = _summarise(runs)
     summary.update(
-        {"gateway_startup_s": round(startup_s, 3), "gateway_rss_idle_mb": round(idle_rss, 1),
-         "gateway_rss_loaded_mb": round(loaded_rss, 1), "rounds": args.rounds,
-         "duration_s": args.duration, "connections": args.connections}
+        {
+            "gateway_startup_s": round(startup_s, 3),
+            "gateway_rss_idle_mb": round(idle_rss, 1),
+            "gateway_rss_loaded_mb": round(loaded_rss, 1),
+            "rounds": args.rounds,
+            "duration_s": args.duration,
+            "connections": args.connections,
+        }
     )
     _print(summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -137,8 +163,9 @@ def _print(summary: dict[str, Any]) -> None:
         f"added proxy CPU {summary['added_cpu_us_per_request']:.0f} µs/request"
     )
     print(
-        f"gateway start-up {summary['gateway_startup_s']:.2f} s, RSS idle "
-        f"{summary['gateway_rss_idle_mb']:.0f} MB, loaded {summary['gateway_rss_loaded_mb']:.0f} MB; "
+        f"gateway start-up {summary['gateway_startup_s']:.2f} s, "
+        f"RSS idle {summary['gateway_rss_idle_mb']:.0f} MB, "
+        f"loaded {summary['gateway_rss_loaded_mb']:.0f} MB; "
         f"errors {summary['errors']} (medians of {summary['rounds']} rounds)"
     )
 
