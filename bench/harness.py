@@ -151,9 +151,7 @@ def run_wrk(
     if script is not None:
         argv += ["-s", str(script)]
     before = {name: cpu_seconds(pid) for name, pid in (watch or {}).items()}
-    output = subprocess.run(
-        [*argv, url], check=True, capture_output=True, text=True
-    ).stdout
+    output = subprocess.run([*argv, url], check=True, capture_output=True, text=True).stdout
     after = {name: cpu_seconds(pid) for name, pid in (watch or {}).items()}
     requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
