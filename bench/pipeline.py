@@ -38,6 +38,7 @@ level = "INFO"
 name = "echo"
 prefix = "/echo/"
 upstream = "http://127.0.0.1:{upstream_port}"
+auth = "none"
 """
     )
 

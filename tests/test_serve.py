@@ -80,6 +80,7 @@ url = "{opa.url}"
 name = "echo"
 prefix = "/echo/"
 upstream = "{upstream_url}"
+auth = "none"
 """
     )
     process = GatewayProcess(config, free_port())
