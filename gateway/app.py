@@ -120,7 +120,11 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
 
 async def _http_session(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=1000, limit_per_host=256, ttl_dns_cache=30)
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+    # SECURITY: no cookie jar; a shared jar would replay one client's upstream
+    # cookies on another client's requests.
+    async with aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+    ) as session:
         app[_HTTP] = session
         yield
 

@@ -175,6 +175,9 @@ class RouteConfig:
     auth: Literal["none", "jwt", "jwt_or_api_key", "api_key"] = "jwt"
     #: Scopes the credential must all carry (403 insufficient-scope otherwise).
     scopes: tuple[str, ...] = ()
+    #: Pass the caller's Authorization header upstream. Off: a credential the
+    #: gateway verified is removed, and the upstream gets X-Nops-* identity.
+    forward_authorization: bool = False
 
     def validate(self, key: str) -> None:
         _require(

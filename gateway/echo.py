@@ -6,7 +6,8 @@
 - ``.../status/{code}``: answers with that status;
 - ``.../slow/{seconds}``: waits, then echoes (to exercise timeouts);
 - ``.../stream/{chunks}``: a chunked body of that many lines;
-- ``.../ping``: a two-byte answer (the benchmarks' cheap upstream).
+- ``.../ping``: a two-byte answer (the benchmarks' cheap upstream);
+- ``.../set-cookie``: an echo that also sets a cookie.
 """
 
 from __future__ import annotations
@@ -48,7 +49,12 @@ async def _echo(request: web.Request) -> web.StreamResponse:
         "body_bytes": len(body),
         "body_sha256": hashlib.sha256(body).hexdigest(),
     }
-    return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json")
+    response = web.Response(
+        status=status, body=orjson.dumps(payload), content_type="application/json"
+    )
+    if parts[-1] == "set-cookie":
+        response.set_cookie("upstream-session", "s1")
+    return response
 
 
 def create_echo_app() -> web.Application:

@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.middleware import SECURITY_HEADERS
 from gateway.problem import PROBLEM_CONTENT_TYPE, problem_type
@@ -75,6 +75,21 @@ class TestAllowedRequests:
         assert headers["x-kept"] == "yes"
         # SECURITY: a client-supplied X-Forwarded-For from an untrusted peer is replaced.
         assert headers["x-forwarded-for"] == "127.0.0.1"
+
+    async def test_upstream_cookies_are_not_shared_between_clients(
+        self, make_gateway: GatewayFactory, upstream: TestServer
+    ) -> None:
+        """A Set-Cookie reaches its caller but is never replayed on anyone's next request."""
+        # A host name, not an IP: cookie jars ignore cookies from IP addresses.
+        by_name = f"http://localhost:{upstream.port}"
+        gateway = await make_gateway(
+            routes=[{"name": "echo", "prefix": "/echo/", "upstream": by_name, "auth": "none"}]
+        )
+        first = await gateway.get("/echo/set-cookie")
+        assert "upstream-session=s1" in first.headers["Set-Cookie"]
+        gateway.session.cookie_jar.clear()
+        second = await gateway.get("/echo/x")
+        assert "cookie" not in (await second.json())["headers"]
 
 
 class TestDenials:

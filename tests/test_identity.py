@@ -834,3 +834,53 @@ class TestIdentityConfig:
             build_validator(config.identity, session=None, clock=time.time, environ=environ)
         assert caught.value.key == key
         assert message in caught.value.message
+
+
+class TestUpstreamIdentity:
+    """What the upstream learns about the caller, and what it never sees."""
+
+    @pytest.mark.parametrize(
+        ("forward", "authorization_seen"),
+        [
+            pytest.param(False, False, id="credential-removed"),
+            pytest.param(True, True, id="forward-authorization"),
+        ],
+    )
+    async def test_verified_identity_replaces_the_credential(
+        self,
+        make_gateway: GatewayFactory,
+        jwt_issuer: FakeIssuer,
+        upstream_url: str,
+        forward: bool,
+        authorization_seen: bool,
+    ) -> None:
+        """The upstream gets X-Nops-* identity; the bearer token only if the route opts in."""
+        client = await make_gateway(
+            identity={"issuers": [issuer_config(jwt_issuer)]},
+            routes=[
+                {
+                    "name": "locked",
+                    "prefix": "/locked/",
+                    "upstream": upstream_url,
+                    "forward_authorization": forward,
+                }
+            ],
+        )
+        token = jwt_issuer.token(scope="locked:read", agent_id="a1")
+        response = await client.get("/locked/x", headers={**bearer(token), "X-Nops-Tenant": "evil"})
+        assert response.status == 200
+        seen = (await response.json())["headers"]
+        assert ("authorization" in seen) is authorization_seen
+        assert seen["x-nops-tenant"] == "acme"
+        assert seen["x-nops-subject"] == jwt_issuer.claims()["sub"]
+        assert seen["x-nops-scopes"] == "locked:read"
+        assert len(seen["x-nops-decision-id"]) == 36
+
+    async def test_callers_cannot_send_identity_headers(self, gateway: Client) -> None:
+        """X-Nops-* from the caller is dropped, even on anonymous routes."""
+        response = await gateway.get(
+            "/echo/x", headers={"X-Nops-Tenant": "evil", "X-Nops-Subject": "root"}
+        )
+        seen = (await response.json())["headers"]
+        assert "x-nops-tenant" not in seen
+        assert "x-nops-subject" not in seen
