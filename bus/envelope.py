@@ -1,0 +1,202 @@
+"""The versioned message envelope: what the bus stores and delivers.
+
+A publisher sends a *draft*: at least ``type`` and ``payload``, optionally
+``id``, ``time``, ``traceparent``, ``tracestate`` (and ``version`` and
+``tenant``, which must then be right). :func:`complete` fills in the rest
+from the request (the verified tenant, the ``Idempotency-Key``, the
+``traceparent``/``tracestate`` headers, the clock, a fresh UUID) and
+validates the whole envelope against ``bus/schemas/envelope.v1.json``.
+
+Errors name the JSON pointer at fault and the rule broken; they never quote
+the payload.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Final
+
+import orjson
+from jsonschema import Draft202012Validator, ValidationError
+
+from bus.errors import InvalidEnvelope, MalformedRequest, TenantMismatch
+
+__all__ = [
+    "ENVELOPE_SCHEMA",
+    "ENVELOPE_VERSION",
+    "Envelope",
+    "complete",
+    "fingerprint",
+    "parse_draft",
+    "validate",
+]
+
+ENVELOPE_VERSION: Final = 1
+ENVELOPE_SCHEMA: Final[dict[str, Any]] = json.loads(
+    resources.files("bus").joinpath("schemas/envelope.v1.json").read_text()
+)
+_VALIDATOR: Final = Draft202012Validator(ENVELOPE_SCHEMA)
+#: Draft fields a publisher may set; everything else the bus owns.
+_DRAFT_FIELDS: Final = frozenset(
+    {"version", "id", "tenant", "type", "time", "payload", "traceparent", "tracestate"}
+)
+_MAX_ERRORS: Final = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A complete, validated envelope (``to_json`` is what Redis stores)."""
+
+    id: str
+    tenant: str
+    type: str
+    time: str
+    payload: Any
+    idempotency_key: str | None = None
+    traceparent: str | None = None
+    tracestate: str | None = None
+    version: int = ENVELOPE_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "version": self.version,
+            "id": self.id,
+            "tenant": self.tenant,
+            "type": self.type,
+            "time": self.time,
+        }
+        for name in ("idempotency_key", "traceparent", "tracestate"):
+            value = getattr(self, name)
+            if value is not None:
+                doc[name] = value
+        doc["payload"] = self.payload
+        return doc
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> Envelope:
+        """An envelope from a document that already passed :func:`validate`."""
+        return cls(
+            id=doc["id"],
+            tenant=doc["tenant"],
+            type=doc["type"],
+            time=doc["time"],
+            payload=doc["payload"],
+            idempotency_key=doc.get("idempotency_key"),
+            traceparent=doc.get("traceparent"),
+            tracestate=doc.get("tracestate"),
+            version=doc["version"],
+        )
+
+
+def parse_draft(body: bytes) -> dict[str, Any]:
+    """The publish request body as a JSON object, or 400."""
+    try:
+        draft = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise MalformedRequest("the message is not valid JSON", reasons=("invalid_json",)) from None
+    if not isinstance(draft, dict):
+        raise MalformedRequest("the message must be a JSON object", reasons=("not_an_object",))
+    return draft
+
+
+def complete(
+    draft: Mapping[str, Any],
+    *,
+    tenant: str,
+    idempotency_key: str | None = None,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
+    clock: Callable[[], float],
+    new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+) -> Envelope:
+    """The draft completed from the request's context and validated.
+
+    Raises :class:`InvalidEnvelope` (422) for schema violations and unknown
+    fields, :class:`TenantMismatch` (403) when the draft names another tenant.
+    """
+    unknown = sorted(set(draft) - _DRAFT_FIELDS)
+    if unknown:
+        errors = [
+            {"pointer": f"/{name}", "message": "is set by the bus or unknown"} for name in unknown
+        ]
+        raise InvalidEnvelope(
+            "the envelope has fields a publisher may not set", extra={"errors": errors}
+        )
+    if "tenant" in draft and draft["tenant"] != tenant:
+        # SECURITY: the tenant is the caller's verified one, never the message's word.
+        raise TenantMismatch("the envelope names another tenant than the caller's")
+    doc: dict[str, Any] = {
+        "version": draft.get("version", ENVELOPE_VERSION),
+        "id": draft.get("id", None) or new_id(),
+        "tenant": tenant,
+        "type": draft.get("type"),
+        "time": draft.get("time") or _rfc3339(clock()),
+    }
+    if idempotency_key is not None:
+        doc["idempotency_key"] = idempotency_key
+    for name, header in (("traceparent", traceparent), ("tracestate", tracestate)):
+        value = draft.get(name, header)
+        if value is not None:
+            doc[name] = value
+    doc["payload"] = draft.get("payload", _MISSING)
+    if doc["payload"] is _MISSING:
+        del doc["payload"]
+    for key in [k for k, v in doc.items() if v is None]:
+        del doc[key]  # reported as "required" by the schema
+    validate(doc)
+    return Envelope.from_dict(doc)
+
+
+def validate(doc: Any) -> None:
+    """Raise :class:`InvalidEnvelope` unless ``doc`` is a valid version 1 envelope."""
+    found = sorted(_VALIDATOR.iter_errors(doc), key=lambda e: list(e.absolute_path))
+    errors = [_describe(error) for error in found[:_MAX_ERRORS]]
+    if not errors and isinstance(doc, dict) and isinstance(doc.get("time"), str):
+        try:
+            dt.datetime.fromisoformat(doc["time"])
+        except ValueError:
+            errors.append({"pointer": "/time", "message": "is not a valid RFC 3339 date-time"})
+    if errors:
+        raise InvalidEnvelope(
+            "the envelope does not match schema version 1", extra={"errors": errors}
+        )
+
+
+def fingerprint(envelope: Envelope) -> str:
+    """What a retry under the same ``Idempotency-Key`` must repeat: type and payload."""
+    canonical = orjson.dumps([envelope.type, envelope.payload], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()[:32]
+
+
+_MISSING: Final = object()
+
+
+def _describe(error: ValidationError) -> dict[str, str]:
+    pointer = "".join(f"/{part}" for part in error.absolute_path) or "/"
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    keyword = str(error.validator)
+    # SECURITY: built from the schema, not error.message, which quotes the value.
+    messages = {
+        "required": error.message,  # names the missing property only
+        "additionalProperties": "has a property the schema does not allow",
+        "type": f"must be of type {schema.get('type')}",
+        "pattern": f"must match {schema.get('pattern')}",
+        "maxLength": f"must be at most {schema.get('maxLength')} characters",
+        "const": f"must be {schema.get('const')!r}",
+        "not": "is not allowed (all-zero trace or span id)",
+    }
+    return {"pointer": pointer, "message": messages.get(keyword, f"breaks the {keyword} rule")}
+
+
+def _rfc3339(timestamp: float) -> str:
+    moment = dt.datetime.fromtimestamp(timestamp, tz=dt.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"

@@ -1,0 +1,640 @@
+"""The Redis Streams core: publish, consume, ack, pending, dead letters.
+
+One topic of one tenant is one stream, ``nops:bus:{<tenant>}:<topic>``; its
+dead letters are ``nops:bus:{<tenant>}:<topic>:dlq`` and its idempotency
+keys ``nops:bus:{<tenant>}:<topic>:idem:<sha256>``. The braces are a Redis
+Cluster hash tag: every key of a tenant lives in one slot, so the Lua
+scripts below, which touch several of them, stay valid on a cluster. Names
+are checked against :data:`NAME` (no ``:``), so no topic can reach another
+topic's or another tenant's keys.
+
+Delivery is at least once:
+
+- **publish** is one ``XADD MAXLEN ~``; with an idempotency key, a Lua
+  script does "if the key exists return its message id, else XADD and SET
+  the key EX ttl" atomically, so concurrent duplicates make one message.
+- **consume** first reclaims, then reads: one Lua script finds the group's
+  entries idle longer than the visibility timeout (``XPENDING IDLE``),
+  moves those already delivered ``max_deliveries`` times to the dead-letter
+  stream (with the delivery count and the last consumer) and claims the
+  rest for the caller (``XCLAIM``); then ``XREADGROUP >`` reads new entries,
+  long-polling with ``BLOCK`` when nothing was reclaimed. Consumer groups
+  are created on demand from the start of the stream (``MKSTREAM``).
+- **ack** is ``XACK``; it counts only entries that were still pending, so
+  each message is acknowledged exactly once.
+- **redrive** moves dead letters back onto the topic (same envelope, new
+  message id) in one Lua script.
+
+Everything is bounded: streams by ``MAXLEN ~``, batches by ``max_batch``,
+long-polls by ``max_poll_s`` and ``max_pollers``; nothing is buffered per
+consumer in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+import redis.exceptions
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from bus.config import DEFAULT_BUS_CONFIG, BusConfig
+from bus.envelope import Envelope, complete, fingerprint, validate
+from bus.errors import (
+    IdempotencyKeyReused,
+    MalformedRequest,
+    NoSubscription,
+    Overloaded,
+    PayloadTooLarge,
+    RedisUnavailable,
+    TenantMismatch,
+)
+
+__all__ = [
+    "NAME",
+    "TENANT",
+    "BusClient",
+    "DeadLetter",
+    "Delivery",
+    "Pending",
+    "PendingEntry",
+    "PublishResult",
+    "Redriven",
+    "dlq_key",
+    "stream_key",
+]
+
+_log = logging.getLogger("bus.streams")
+
+#: Topic, group and consumer names.
+NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+#: Tenant ids, as the gateway passes them in ``X-Nops-Tenant``.
+TENANT: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_MESSAGE_ID: Final = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+_FIELD: Final = b"e"
+#: Connections for everything but blocking reads.
+_COMMAND_POOL_SIZE: Final = 64
+_COMMAND_TIMEOUT_S: Final = 5.0
+
+_PUBLISH_IDEMPOTENT: Final = """
+local prior = redis.call('GET', KEYS[2])
+if prior then return {0, prior} end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
+redis.call('SET', KEYS[2], id .. ' ' .. ARGV[4] .. ' ' .. ARGV[5], 'EX', ARGV[3])
+return {1, id}
+"""
+
+# KEYS: stream, dlq. ARGV: group, consumer, min idle ms, max deliveries,
+# count, dlq maxlen, now ms. Returns {dead, {id, deliveries, envelope}...}.
+_RECLAIM: Final = """
+local stream, dlq, group, consumer = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+local max_deliveries = tonumber(ARGV[4])
+local function envelope(fields)
+  for i = 1, #fields, 2 do
+    if fields[i] == 'e' then return fields[i + 1] end
+  end
+  return ''
+end
+local pending = redis.call('XPENDING', stream, group, 'IDLE', ARGV[3], '-', '+', ARGV[5])
+local dead, claim, deliveries = 0, {}, {}
+for _, p in ipairs(pending) do
+  local id, owner, count = p[1], p[2], p[4]
+  if count >= max_deliveries then
+    local entry = redis.call('XRANGE', stream, id, id)[1]
+    if entry then
+      redis.call('XADD', dlq, 'MAXLEN', '~', ARGV[6], '*', 'e', envelope(entry[2]),
+        'source_id', id, 'group', group, 'deliveries', count, 'last_consumer', owner,
+        'reason', 'max_deliveries', 'dead_at', ARGV[7])
+      dead = dead + 1
+    end
+    redis.call('XACK', stream, group, id)
+  else
+    claim[#claim + 1] = id
+    deliveries[id] = count + 1
+  end
+end
+local out = {dead}
+if #claim > 0 then
+  local claimed = redis.call('XCLAIM', stream, group, consumer, ARGV[3], unpack(claim))
+  for _, entry in ipairs(claimed) do
+    if entry and entry[2] then
+      out[#out + 1] = {entry[1], deliveries[entry[1]], envelope(entry[2])}
+    elseif entry then
+      redis.call('XACK', stream, group, entry[1])
+    end
+  end
+end
+return out
+"""
+
+# KEYS: dlq, stream. ARGV: maxlen, dead-letter ids... Returns {{dlq id, new id or false}}.
+_REDRIVE: Final = """
+local out = {}
+for i = 2, #ARGV do
+  local entry = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])[1]
+  if entry then
+    local body = ''
+    for j = 1, #entry[2], 2 do
+      if entry[2][j] == 'e' then body = entry[2][j + 1] end
+    end
+    local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'e', body)
+    redis.call('XDEL', KEYS[1], ARGV[i])
+    out[#out + 1] = {ARGV[i], id}
+  else
+    out[#out + 1] = {ARGV[i], false}
+  end
+end
+return out
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    #: The message id (the stream entry id) consumers ack.
+    id: str
+    #: The envelope id.
+    event_id: str
+    #: True when an earlier publish with the same idempotency key made the message.
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    id: str
+    #: 1 on first delivery; more when reclaimed after the visibility timeout.
+    deliveries: int
+    #: The envelope as stored (validated JSON).
+    envelope_json: bytes
+
+    @property
+    def envelope(self) -> dict[str, Any]:
+        doc: dict[str, Any] = orjson.loads(self.envelope_json)
+        return doc
+
+
+@dataclass(frozen=True, slots=True)
+class PendingEntry:
+    id: str
+    consumer: str
+    idle_ms: int
+    deliveries: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    count: int
+    consumers: dict[str, int]
+    entries: list[PendingEntry]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: str
+    source_id: str
+    group: str
+    deliveries: int
+    last_consumer: str
+    reason: str
+    dead_at_ms: int
+    envelope_json: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Redriven:
+    dead_letter_id: str
+    #: The new message id on the topic, or None if the dead letter was not found.
+    id: str | None
+
+
+def stream_key(tenant: str, topic: str) -> str:
+    return f"nops:bus:{{{_check(TENANT, tenant, 'tenant')}}}:{_check(NAME, topic, 'topic')}"
+
+
+def dlq_key(tenant: str, topic: str) -> str:
+    return stream_key(tenant, topic) + ":dlq"
+
+
+def _idempotency_key(tenant: str, topic: str, key: str) -> str:
+    digest = hashlib.sha256(key.encode()).hexdigest()[:40]
+    return f"{stream_key(tenant, topic)}:idem:{digest}"
+
+
+class BusClient:
+    """The bus over Redis Streams; the HTTP service and in-process publishers use it.
+
+    ``redis`` serves every command; ``poll_redis`` (default: ``redis``) serves
+    the blocking ``XREADGROUP`` of long-polls, whose socket timeout must
+    exceed ``config.max_poll_s``. Both must not decode responses.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        config: BusConfig = DEFAULT_BUS_CONFIG,
+        *,
+        poll_redis: Redis | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self._redis = redis
+        self._poll_redis = poll_redis or redis
+        self._clock = clock
+        self._owned: list[Redis] = []
+        self._groups: set[tuple[str, str]] = set()
+        self._pollers = 0
+        self._publish_idempotent = redis.register_script(_PUBLISH_IDEMPOTENT)
+        self._reclaim = redis.register_script(_RECLAIM)
+        self._redrive = redis.register_script(_REDRIVE)
+
+    @classmethod
+    def connect(
+        cls, config: BusConfig = DEFAULT_BUS_CONFIG, *, clock: Callable[[], float] = time.time
+    ) -> BusClient:
+        """A client with its own connection pools to ``config.redis_url``."""
+        commands = Redis.from_pool(
+            BlockingConnectionPool.from_url(
+                config.redis_url,
+                max_connections=_COMMAND_POOL_SIZE,
+                timeout=_COMMAND_TIMEOUT_S,
+                socket_connect_timeout=_COMMAND_TIMEOUT_S,
+                socket_timeout=_COMMAND_TIMEOUT_S,
+            )
+        )
+        polls = Redis.from_pool(
+            BlockingConnectionPool.from_url(
+                config.redis_url,
+                max_connections=config.max_pollers,
+                timeout=_COMMAND_TIMEOUT_S,
+                socket_connect_timeout=_COMMAND_TIMEOUT_S,
+                socket_timeout=config.max_poll_s + _COMMAND_TIMEOUT_S,
+            )
+        )
+        client = cls(commands, config, poll_redis=polls, clock=clock)
+        client._owned = [commands, polls]
+        return client
+
+    async def aclose(self) -> None:
+        """Close the pools :meth:`connect` made (not clients passed in)."""
+        for owned in self._owned:
+            await owned.aclose()
+        self._owned = []
+
+    async def ping(self) -> None:
+        async with _redis_errors():
+            await self._redis.ping()
+
+    # -- publish ------------------------------------------------------------------
+
+    async def publish(
+        self,
+        tenant: str,
+        topic: str,
+        envelope: Envelope | Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+    ) -> PublishResult:
+        """Append a message to the tenant's topic; at most once per idempotency key.
+
+        ``envelope`` is a complete :class:`Envelope` (its tenant must be
+        ``tenant``) or a draft mapping with at least ``type`` and ``payload``,
+        completed with the other arguments. Raises :class:`~bus.errors.BusError`
+        subclasses: 422 invalid envelope, 403 tenant mismatch, 413 too large,
+        409 idempotency key reused for another message, 503 Redis unavailable.
+        """
+        stream = stream_key(tenant, topic)
+        if isinstance(envelope, Envelope):
+            validate(envelope.to_dict())
+            if envelope.tenant != tenant:
+                raise TenantMismatch("the envelope names another tenant than the caller's")
+        else:
+            envelope = complete(
+                envelope,
+                tenant=tenant,
+                idempotency_key=idempotency_key,
+                traceparent=traceparent,
+                tracestate=tracestate,
+                clock=self._clock,
+            )
+        body = envelope.to_json()
+        if len(body) > self.config.max_message_bytes:
+            raise PayloadTooLarge(
+                f"the envelope exceeds {self.config.max_message_bytes} bytes",
+                reasons=("envelope_too_large",),
+            )
+        key = envelope.idempotency_key
+        async with _redis_errors():
+            if key is None:
+                raw_id = await self._redis.xadd(
+                    stream, {_FIELD: body}, maxlen=self.config.max_stream_len, approximate=True
+                )
+                return PublishResult(_text(raw_id), envelope.id, duplicate=False)
+            mine = fingerprint(envelope)
+            created, value = await self._publish_idempotent(
+                keys=[stream, _idempotency_key(tenant, topic, key)],
+                args=[
+                    self.config.max_stream_len,
+                    body,
+                    self.config.idempotency_ttl_s,
+                    envelope.id,
+                    mine,
+                ],
+            )
+        if created:
+            return PublishResult(_text(value), envelope.id, duplicate=False)
+        message_id, event_id, theirs = _text(value).split(" ")
+        if theirs != mine:
+            raise IdempotencyKeyReused(
+                "this Idempotency-Key was used for a message with another type or payload",
+                extra={"id": message_id},
+            )
+        return PublishResult(message_id, event_id, duplicate=True)
+
+    # -- consume ------------------------------------------------------------------
+
+    async def consume(
+        self,
+        tenant: str,
+        topic: str,
+        group: str,
+        consumer: str,
+        *,
+        max_messages: int = 1,
+        wait_s: float = 0.0,
+    ) -> list[Delivery]:
+        """Up to ``max_messages`` for ``consumer``: reclaimed ones first, then new ones.
+
+        Waits up to ``wait_s`` for a new message when there is none (long
+        poll). Raises :class:`~bus.errors.Overloaded` when ``max_pollers``
+        long-polls are already waiting.
+        """
+        stream, dlq = stream_key(tenant, topic), dlq_key(tenant, topic)
+        _check(NAME, group, "group")
+        _check(NAME, consumer, "consumer")
+        limit = self.config.max_batch
+        if not 1 <= max_messages <= limit:
+            raise MalformedRequest(f"max must be between 1 and {limit}", reasons=("invalid_max",))
+        if not 0 <= wait_s <= self.config.max_poll_s:
+            raise MalformedRequest(
+                f"wait must be between 0 and {self.config.max_poll_s:g} seconds",
+                reasons=("invalid_wait",),
+            )
+        if wait_s > 0:
+            if self._pollers >= self.config.max_pollers:
+                raise Overloaded(
+                    "too many consumers are waiting; retry shortly",
+                    headers={"Retry-After": "1"},
+                )
+            self._pollers += 1
+        try:
+            return await self._consume(stream, dlq, group, consumer, max_messages, wait_s)
+        finally:
+            if wait_s > 0:
+                self._pollers -= 1
+
+    async def _consume(
+        self, stream: str, dlq: str, group: str, consumer: str, max_messages: int, wait_s: float
+    ) -> list[Delivery]:
+        async with _redis_errors():
+            try:
+                return await self._consume_once(stream, dlq, group, consumer, max_messages, wait_s)
+            except redis.exceptions.ResponseError as exc:
+                if not str(exc).startswith("NOGROUP"):
+                    raise
+            # The stream or group was deleted behind our cache: create it again, once.
+            self._groups.discard((stream, group))
+            return await self._consume_once(stream, dlq, group, consumer, max_messages, wait_s)
+
+    async def _consume_once(
+        self, stream: str, dlq: str, group: str, consumer: str, max_messages: int, wait_s: float
+    ) -> list[Delivery]:
+        await self._ensure_group(stream, group)
+        deadline = time.monotonic() + wait_s
+        # A long-poll blocks at most one visibility timeout at a time, then
+        # looks for expired deliveries again, so a waiting consumer picks up
+        # another's abandoned messages without waiting out its whole poll.
+        slice_ms = max(int(self.config.visibility_timeout_s * 1000), 1)
+        while True:
+            found = await self._reclaim_expired(stream, dlq, group, consumer, max_messages)
+            room = max_messages - len(found)
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            block_ms = min(remaining_ms, slice_ms) if not found else 0
+            if room > 0:
+                found += await self._read_new(stream, group, consumer, room, block_ms)
+            if found or remaining_ms <= block_ms:
+                return found
+
+    async def _ensure_group(self, stream: str, group: str) -> None:
+        if (stream, group) in self._groups:
+            return
+        try:
+            await self._redis.xgroup_create(stream, group, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as exc:
+            if not str(exc).startswith("BUSYGROUP"):
+                raise
+        self._groups.add((stream, group))
+
+    async def _reclaim_expired(
+        self, stream: str, dlq: str, group: str, consumer: str, count: int
+    ) -> list[Delivery]:
+        result = await self._reclaim(
+            keys=[stream, dlq],
+            args=[
+                group,
+                consumer,
+                int(self.config.visibility_timeout_s * 1000),
+                self.config.max_deliveries,
+                count,
+                self.config.max_stream_len,
+                int(self._clock() * 1000),
+            ],
+        )
+        dead, *claimed = result
+        if dead:
+            _log.warning(
+                "messages dead-lettered",
+                extra={"stream": stream, "group": group, "count": int(dead)},
+            )
+        return [Delivery(_text(i), int(n), bytes(body)) for i, n, body in claimed]
+
+    async def _read_new(
+        self, stream: str, group: str, consumer: str, count: int, wait_ms: int
+    ) -> list[Delivery]:
+        if wait_ms <= 0:
+            reply = await self._redis.xreadgroup(group, consumer, {stream: ">"}, count=count)
+        else:
+            reply = await self._poll_redis.xreadgroup(
+                group, consumer, {stream: ">"}, count=count, block=wait_ms
+            )
+        deliveries: list[Delivery] = []
+        for _name, entries in _stream_entries(reply):
+            for raw_id, fields in entries:
+                if fields is None:
+                    continue  # trimmed between XADD and XREADGROUP
+                deliveries.append(Delivery(_text(raw_id), 1, bytes(fields.get(_FIELD, b""))))
+        return deliveries
+
+    # -- ack, pending ---------------------------------------------------------------
+
+    async def ack(self, tenant: str, topic: str, group: str, ids: Sequence[str]) -> int:
+        """Acknowledge ``ids``; returns how many were pending (each counts once, ever)."""
+        stream = stream_key(tenant, topic)
+        _check(NAME, group, "group")
+        for message_id in ids:
+            _check(_MESSAGE_ID, message_id, "id")
+        if not ids:
+            return 0
+        async with _redis_errors():
+            with _no_group():
+                return int(await self._redis.xack(stream, group, *ids))
+
+    async def pending(
+        self,
+        tenant: str,
+        topic: str,
+        group: str,
+        *,
+        max_entries: int = 100,
+        consumer: str | None = None,
+    ) -> Pending:
+        """The group's delivered but unacknowledged messages (oldest first)."""
+        stream = stream_key(tenant, topic)
+        _check(NAME, group, "group")
+        if consumer is not None:
+            _check(NAME, consumer, "consumer")
+        async with _redis_errors():
+            with _no_group():
+                summary = await self._redis.xpending(stream, group)
+                rows = await self._redis.xpending_range(
+                    stream, group, min="-", max="+", count=max_entries, consumername=consumer
+                )
+        return Pending(
+            count=int(summary["pending"]),
+            consumers={_text(c["name"]): int(c["pending"]) for c in summary["consumers"]},
+            entries=[
+                PendingEntry(
+                    id=_text(row["message_id"]),
+                    consumer=_text(row["consumer"]),
+                    idle_ms=int(row["time_since_delivered"]),
+                    deliveries=int(row["times_delivered"]),
+                )
+                for row in rows
+            ],
+        )
+
+    # -- dead letters -----------------------------------------------------------------
+
+    async def dead_letters(
+        self, tenant: str, topic: str, *, max_entries: int = 100, after: str | None = None
+    ) -> list[DeadLetter]:
+        """The topic's dead letters, oldest first, after the id ``after`` if given."""
+        dlq = dlq_key(tenant, topic)
+        start = "-" if after is None else "(" + _check(_MESSAGE_ID, after, "after")
+        async with _redis_errors():
+            rows = await self._redis.xrange(dlq, min=start, max="+", count=max_entries)
+        letters: list[DeadLetter] = []
+        for raw_id, fields in rows or []:
+            field: dict[str, Any] = {_text(k): v for k, v in (fields or {}).items()}
+            letters.append(
+                DeadLetter(
+                    id=_text(raw_id),
+                    source_id=_text(field.get("source_id", b"")),
+                    group=_text(field.get("group", b"")),
+                    deliveries=int(field.get("deliveries", 0)),
+                    last_consumer=_text(field.get("last_consumer", b"")),
+                    reason=_text(field.get("reason", b"")),
+                    dead_at_ms=int(field.get("dead_at", 0)),
+                    envelope_json=bytes(field.get("e", b"null")),
+                )
+            )
+        return letters
+
+    async def redrive(
+        self,
+        tenant: str,
+        topic: str,
+        ids: Sequence[str] | None = None,
+        *,
+        max_entries: int = 100,
+    ) -> list[Redriven]:
+        """Move dead letters (``ids``, or the oldest ``max_entries``) back onto the topic.
+
+        Each gets a new message id and a fresh delivery count; its envelope
+        (and envelope id) is unchanged. Every consumer group of the topic sees
+        it again, so consumers deduplicate by envelope id.
+        """
+        stream, dlq = stream_key(tenant, topic), dlq_key(tenant, topic)
+        if ids is None:
+            ids = [
+                letter.id
+                for letter in await self.dead_letters(tenant, topic, max_entries=max_entries)
+            ]
+        for message_id in ids:
+            _check(_MESSAGE_ID, message_id, "id")
+        if not ids:
+            return []
+        async with _redis_errors():
+            rows = await self._redrive(keys=[dlq, stream], args=[self.config.max_stream_len, *ids])
+        return [Redriven(_text(old), _text(new) if new else None) for old, new in rows]
+
+
+def _stream_entries(reply: Any) -> list[tuple[Any, list[tuple[Any, Any]]]]:
+    """XREADGROUP's reply as ``[(stream, [(id, fields)])]`` for RESP2 and RESP3 shapes."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return [(name, value[0] if value else []) for name, value in reply.items()]
+    return [(name, entries) for name, entries in reply]
+
+
+def _check(pattern: re.Pattern[str], value: str, what: str) -> str:
+    if not isinstance(value, str) or pattern.fullmatch(value) is None:
+        raise MalformedRequest(f"invalid {what}", reasons=(f"invalid_{what}",))
+    return value
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@contextlib.contextmanager
+def _no_group() -> Iterator[None]:
+    """Redis's NOGROUP as :class:`~bus.errors.NoSubscription` (404)."""
+    try:
+        yield
+    except redis.exceptions.ResponseError as exc:
+        if str(exc).startswith("NOGROUP"):
+            raise NoSubscription(
+                "no such subscription on this topic (consume creates it)"
+            ) from None
+        raise
+
+
+@contextlib.asynccontextmanager
+async def _redis_errors() -> AsyncIterator[None]:
+    """Redis trouble as :class:`~bus.errors.RedisUnavailable` (503)."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        _log.warning("redis unavailable", extra={"error": type(exc).__name__})
+        raise RedisUnavailable(
+            "the bus cannot reach Redis",
+            reasons=("redis_unreachable",),
+            headers={"Retry-After": "1"},
+        ) from None
+    except redis.exceptions.ResponseError as exc:
+        if str(exc).startswith("OOM"):
+            raise RedisUnavailable(
+                "Redis is out of memory; the topic cannot take more messages",
+                reasons=("redis_out_of_memory",),
+                headers={"Retry-After": "5"},
+            ) from None
+        raise
