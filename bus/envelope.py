@@ -136,22 +136,20 @@ def complete(
         raise TenantMismatch("the envelope names another tenant than the caller's")
     doc: dict[str, Any] = {
         "version": draft.get("version", ENVELOPE_VERSION),
-        "id": draft.get("id", None) or new_id(),
+        "id": draft["id"] if "id" in draft else new_id(),
         "tenant": tenant,
-        "type": draft.get("type"),
-        "time": draft.get("time") or _rfc3339(clock()),
+        "time": draft["time"] if "time" in draft else _rfc3339(clock()),
     }
+    if "type" in draft:
+        doc["type"] = draft["type"]
     if idempotency_key is not None:
         doc["idempotency_key"] = idempotency_key
     for name, header in (("traceparent", traceparent), ("tracestate", tracestate)):
         value = draft.get(name, header)
         if value is not None:
             doc[name] = value
-    doc["payload"] = draft.get("payload", _MISSING)
-    if doc["payload"] is _MISSING:
-        del doc["payload"]
-    for key in [k for k, v in doc.items() if v is None]:
-        del doc[key]  # reported as "required" by the schema
+    if "payload" in draft:
+        doc["payload"] = draft["payload"]  # any JSON value, null included
     validate(doc)
     return Envelope.from_dict(doc)
 
@@ -175,9 +173,6 @@ def fingerprint(envelope: Envelope) -> str:
     """What a retry under the same ``Idempotency-Key`` must repeat: type and payload."""
     canonical = orjson.dumps([envelope.type, envelope.payload], option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(canonical).hexdigest()[:32]
-
-
-_MISSING: Final = object()
 
 
 def _describe(error: ValidationError) -> dict[str, str]:

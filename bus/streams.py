@@ -407,7 +407,7 @@ class BusClient:
             try:
                 return await self._consume_once(stream, dlq, group, consumer, max_messages, wait_s)
             except redis.exceptions.ResponseError as exc:
-                if not str(exc).startswith("NOGROUP"):
+                if not _is_nogroup(exc):
                     raise
             # The stream or group was deleted behind our cache: create it again, once.
             self._groups.discard((stream, group))
@@ -493,8 +493,7 @@ class BusClient:
         if not ids:
             return 0
         async with _redis_errors():
-            with _no_group():
-                return int(await self._redis.xack(stream, group, *ids))
+            return int(await self._redis.xack(stream, group, *ids))
 
     async def pending(
         self,
@@ -605,13 +604,18 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _is_nogroup(exc: redis.exceptions.ResponseError) -> bool:
+    # Inside a script the error comes wrapped: "Error running script ... NOGROUP ...".
+    return "NOGROUP" in str(exc)
+
+
 @contextlib.contextmanager
 def _no_group() -> Iterator[None]:
     """Redis's NOGROUP as :class:`~bus.errors.NoSubscription` (404)."""
     try:
         yield
     except redis.exceptions.ResponseError as exc:
-        if str(exc).startswith("NOGROUP"):
+        if _is_nogroup(exc):
             raise NoSubscription(
                 "no such subscription on this topic (consume creates it)"
             ) from None
@@ -631,7 +635,8 @@ async def _redis_errors() -> AsyncIterator[None]:
             headers={"Retry-After": "1"},
         ) from None
     except redis.exceptions.ResponseError as exc:
-        if str(exc).startswith("OOM"):
+        # Scripts wrap the error ("Error running script ... OOM ..."), plain commands do not.
+        if isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM " in str(exc):
             raise RedisUnavailable(
                 "Redis is out of memory; the topic cannot take more messages",
                 reasons=("redis_out_of_memory",),
