@@ -22,6 +22,9 @@ from gateway.server import GatewayRunner
 from tests.jwtissuer import FakeIssuer
 from tests.services import PostgresService, RedisService
 
+# The bus's fixtures (tenant, bus, bus_http, make_bus, raw_redis, ...).
+pytest_plugins = ("tests.busfixtures",)
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS_BIN = Path(os.environ.get("TOOLS_BIN", ROOT / ".tools" / "bin"))
 OPA_BINARY = TOOLS_BIN / "opa"

@@ -12,16 +12,7 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from bus.streams import stream_key
-from tests.busfixtures import (  # noqa: F401 - fixtures
-    BusFactory,
-    as_tenant,
-    assert_bus_problem,
-    bus_config,
-    bus_http,
-    make_bus,
-    raw_redis,
-    tenant,
-)
+from tests.busfixtures import BusFactory, as_tenant, assert_bus_problem
 from tests.services import RedisService
 
 Client = TestClient[Any, Any]
@@ -66,11 +57,15 @@ class TestPublishConsumeAck:
         assert envelope["tracestate"] == "v=1"
         assert envelope["payload"] == EVENT["payload"]
         ack = await bus_http.post(
-            "/topics/t/subscriptions/g/ack", json={"ids": [message["id"]]}, headers=as_tenant(tenant)
+            "/topics/t/subscriptions/g/ack",
+            json={"ids": [message["id"]]},
+            headers=as_tenant(tenant),
         )
         assert await ack.json() == {"acked": 1}
         again = await bus_http.post(
-            "/topics/t/subscriptions/g/ack", json={"ids": [message["id"]]}, headers=as_tenant(tenant)
+            "/topics/t/subscriptions/g/ack",
+            json={"ids": [message["id"]]},
+            headers=as_tenant(tenant),
         )
         assert await again.json() == {"acked": 0}
         pending = await bus_http.get("/topics/t/subscriptions/g/pending", headers=as_tenant(tenant))
@@ -252,12 +247,14 @@ class TestTenancy:
         await assert_bus_problem(response, 401, "missing-tenant", ["invalid_tenant"])
 
     async def test_tenants_are_isolated_end_to_end(self, bus_http: Client, tenant: str) -> None:
-        """Tenant B sees none of A's messages, pending entries or dead letters, and cannot ack them."""
+        """Tenant B sees none of A's messages, pending entries or dead letters, nor acks them."""
         other = tenant + "b"
         published = await _publish(bus_http, tenant)
         assert await _consume(bus_http, other) == []
         ack = await bus_http.post(
-            "/topics/t/subscriptions/g/ack", json={"ids": [published["id"]]}, headers=as_tenant(other)
+            "/topics/t/subscriptions/g/ack",
+            json={"ids": [published["id"]]},
+            headers=as_tenant(other),
         )
         assert await ack.json() == {"acked": 0}
         [message] = await _consume(bus_http, tenant)
@@ -283,9 +280,7 @@ class TestProblems:
         [
             pytest.param(b"{not json", {}, 400, "malformed-request", ["invalid_json"], id="json"),
             pytest.param(b"[]", {}, 400, "malformed-request", ["not_an_object"], id="array"),
-            pytest.param(
-                b'{"payload": 1}', {}, 422, "invalid-envelope", None, id="missing-type"
-            ),
+            pytest.param(b'{"payload": 1}', {}, 422, "invalid-envelope", None, id="missing-type"),
             pytest.param(
                 b'{"type": "x", "payload": 1, "id": "a b"}',
                 {},

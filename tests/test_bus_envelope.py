@@ -88,7 +88,11 @@ class TestComplete:
                 id="traceparent",
             ),
             pytest.param(
-                {"type": "x", "payload": 1, "traceparent": "00-" + "0" * 32 + "-00f067aa0ba902b7-01"},
+                {
+                    "type": "x",
+                    "payload": 1,
+                    "traceparent": "00-" + "0" * 32 + "-00f067aa0ba902b7-01",
+                },
                 "/traceparent",
                 id="traceparent-zero-trace-id",
             ),

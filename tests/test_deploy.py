@@ -25,7 +25,7 @@ class TestArtefacts:
         assert "config/compose.toml" in compose
         config = load_config(ROOT / "config" / "compose.toml", environ={})
         assert config.policy.url == "http://opa:8181"
-        assert {r.upstream for r in config.routes} == {"http://echo:8081"}
+        assert {r.upstream for r in config.routes} == {"http://echo:8081", "http://bus:8082"}
 
     def test_image_copies_every_package(self) -> None:
         """Each top-level package named in pyproject is copied into the image."""

@@ -2,7 +2,7 @@
 # title: Tests for nops.authz
 # description: >-
 #   Every test compares the whole decision object. Tests without a
-#   "with data.nops.routes" use the shipped routes data (echo, readonly, locked).
+#   "with data.nops.routes" use the shipped routes data (echo, readonly, locked, bus).
 package nops.authz_test
 
 import data.nops.authz
@@ -93,6 +93,26 @@ test_allow_listed_tenant if {
 test_allow_all_of_several_scopes if {
 	doc := _locked_with({"request": {"route": "two_scopes"}, "subject": {"scopes": ["b:read", "a:read"]}})
 	authz.decision == _allowed with input as doc with data.nops.routes as _feature_routes
+}
+
+test_allow_authenticated_bus_publish_and_consume if {
+	every method in ["GET", "POST"] {
+		doc := _locked_with({"request": {"method": method, "route": "bus"}, "subject": {"scopes": []}})
+		authz.decision == _allowed with input as doc
+	}
+}
+
+test_deny_anonymous_bus if {
+	# The bus acts for the verified tenant, so an anonymous caller has nothing to act as.
+	doc := _echo_with({"method": "POST", "route": "bus"})
+	authz.decision == _denied(["authentication_required"]) with input as doc
+}
+
+test_deny_bus_methods_other_than_get_and_post if {
+	every method in ["PUT", "PATCH", "DELETE", "HEAD"] {
+		doc := _locked_with({"request": {"method": method, "route": "bus"}})
+		authz.decision == _denied(["method_not_allowed"]) with input as doc
+	}
 }
 
 test_deny_unsupported_input_version if {
