@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -82,6 +83,8 @@ _FIELD: Final = b"e"
 #: Connections for everything but blocking reads.
 _COMMAND_POOL_SIZE: Final = 64
 _COMMAND_TIMEOUT_S: Final = 5.0
+#: Bound on the per-(stream, group) caches; past it they start over.
+_MAX_TRACKED: Final = 10_000
 
 _PUBLISH_IDEMPOTENT: Final = """
 local prior = redis.call('GET', KEYS[2])
@@ -247,7 +250,13 @@ class BusClient:
         self._poll_redis = poll_redis or redis
         self._clock = clock
         self._owned: list[Redis] = []
+        # Per (stream, group) seen by this process: the group exists; when the
+        # last reclaim ran. Both are caches, cleared when they grow past a bound.
         self._groups: set[tuple[str, str]] = set()
+        self._reclaimed_at: dict[tuple[str, str], float] = {}
+        # Reclaiming more often than this finds nothing new: entries become
+        # reclaimable only after a whole visibility timeout.
+        self._reclaim_every_s = min(config.visibility_timeout_s / 4, 1.0)
         self._pollers = 0
         self._publish_idempotent = redis.register_script(_PUBLISH_IDEMPOTENT)
         self._reclaim = redis.register_script(_RECLAIM)
@@ -440,11 +449,19 @@ class BusClient:
         except redis.exceptions.ResponseError as exc:
             if not str(exc).startswith("BUSYGROUP"):
                 raise
+        if len(self._groups) >= _MAX_TRACKED:
+            self._groups.clear()
         self._groups.add((stream, group))
 
     async def _reclaim_expired(
         self, stream: str, dlq: str, group: str, consumer: str, count: int
     ) -> list[Delivery]:
+        key, now = (stream, group), time.monotonic()
+        if now - self._reclaimed_at.get(key, -math.inf) < self._reclaim_every_s:
+            return []
+        if len(self._reclaimed_at) >= _MAX_TRACKED:
+            self._reclaimed_at.clear()
+        self._reclaimed_at[key] = now  # before the await: concurrent polls skip it
         result = await self._reclaim(
             keys=[stream, dlq],
             args=[
@@ -463,6 +480,8 @@ class BusClient:
                 "messages dead-lettered",
                 extra={"stream": stream, "group": group, "count": int(dead)},
             )
+        if len(claimed) >= count:
+            self._reclaimed_at.pop(key, None)  # maybe more expired: the next poll looks again
         return [Delivery(_text(i), int(n), bytes(body)) for i, n, body in claimed]
 
     async def _read_new(

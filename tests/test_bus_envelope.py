@@ -8,7 +8,16 @@ import pytest
 from jsonschema import Draft202012Validator
 
 import bus.envelope
-from bus.envelope import ENVELOPE_SCHEMA, Envelope, complete, fingerprint, parse_draft, validate
+from bus.envelope import (
+    ENVELOPE_SCHEMA,
+    HANDLED_KEYWORDS,
+    Envelope,
+    complete,
+    fingerprint,
+    parse_draft,
+    validate,
+    violations,
+)
 from bus.errors import InvalidEnvelope, MalformedRequest, TenantMismatch
 
 NOW = 1_763_800_000.25
@@ -157,6 +166,103 @@ class TestSchema:
         """The module exports exactly its documented names."""
         public = {n for n in vars(bus.envelope) if not n.startswith("_")}
         assert set(bus.envelope.__all__) <= public
+
+
+VALID: dict[str, Any] = {
+    "version": 1,
+    "id": "evt-1",
+    "tenant": "acme",
+    "type": "agent.registered",
+    "time": "2025-11-22T08:26:40.250Z",
+    "payload": {"a": 1},
+}
+
+
+def _variant(**changes: Any) -> dict[str, Any]:
+    doc = {**VALID, **changes}
+    return {k: v for k, v in doc.items() if v is not _DROP}
+
+
+_DROP = object()
+
+#: Documents on both sides of every rule, for the agreement test.
+CORPUS = [
+    pytest.param(VALID, id="valid"),
+    pytest.param(_variant(version=1.0), id="version-1.0"),
+    pytest.param(_variant(version=True), id="version-true"),
+    pytest.param(_variant(version="1"), id="version-string"),
+    pytest.param(_variant(version=2), id="version-2"),
+    pytest.param(_variant(version=_DROP), id="no-version"),
+    pytest.param(_variant(id=_DROP), id="no-id"),
+    pytest.param(_variant(id=""), id="empty-id"),
+    pytest.param(_variant(id="a" * 128), id="id-128"),
+    pytest.param(_variant(id="a" * 129), id="id-129"),
+    pytest.param(_variant(id="-a"), id="id-dash-first"),
+    pytest.param(_variant(id="urn:x:1.2_3"), id="id-urn"),
+    pytest.param(_variant(id=7), id="id-int"),
+    pytest.param(_variant(tenant="a" * 65), id="tenant-65"),
+    pytest.param(_variant(tenant="a:b"), id="tenant-colon"),
+    pytest.param(_variant(type="a.b.c"), id="type-dotted"),
+    pytest.param(_variant(type="a..b"), id="type-double-dot"),
+    pytest.param(_variant(type="A"), id="type-upper"),
+    pytest.param(_variant(type="a" * 128), id="type-128"),
+    pytest.param(_variant(type="a" * 129), id="type-129"),
+    pytest.param(_variant(time="2025-11-22T08:26:40+01:00"), id="time-offset"),
+    pytest.param(_variant(time="2025-11-22T08:26:40.123456789Z"), id="time-nanos"),
+    pytest.param(_variant(time="2025-11-22 08:26:40Z"), id="time-space"),
+    pytest.param(_variant(time=1763800000), id="time-number"),
+    pytest.param(_variant(idempotency_key="k" * 255), id="idem-255"),
+    pytest.param(_variant(idempotency_key="k" * 256), id="idem-256"),
+    pytest.param(_variant(idempotency_key="a b"), id="idem-space"),
+    pytest.param(_variant(traceparent=TRACEPARENT), id="traceparent"),
+    pytest.param(_variant(traceparent=TRACEPARENT.upper()), id="traceparent-upper"),
+    pytest.param(
+        _variant(traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01"),
+        id="traceparent-zero-span",
+    ),
+    pytest.param(_variant(tracestate="a=1,b=2"), id="tracestate"),
+    pytest.param(_variant(tracestate="x" * 513), id="tracestate-513"),
+    pytest.param(_variant(tracestate="\t"), id="tracestate-tab"),
+    pytest.param(_variant(payload=None), id="payload-null"),
+    pytest.param(_variant(payload=_DROP), id="no-payload"),
+    pytest.param(_variant(extra=1), id="extra-field"),
+    pytest.param([VALID], id="array"),
+    pytest.param(None, id="null"),
+]
+
+
+class TestValidatorAgreesWithSchema:
+    @pytest.mark.parametrize("doc", CORPUS)
+    def test_same_verdict_as_jsonschema(self, doc: Any) -> None:
+        """The hand-run checks accept exactly what jsonschema accepts under the v1 schema."""
+        reference = Draft202012Validator(ENVELOPE_SCHEMA).is_valid(doc)
+        assert (violations(doc) == []) == reference
+
+    def test_schema_uses_only_handled_keywords(self) -> None:
+        """A schema change the hand-run checks do not implement fails here, not in production."""
+        top = {"$schema", "$id", "title", "description", "type", "additionalProperties"}
+        assert set(ENVELOPE_SCHEMA) <= top | {"required", "properties"}
+        assert ENVELOPE_SCHEMA["additionalProperties"] is False
+        for name, spec in ENVELOPE_SCHEMA["properties"].items():
+            assert set(spec) <= HANDLED_KEYWORDS, name
+            assert spec.get("type", "string") == "string" or name == "payload", name
+            if "not" in spec:
+                assert set(spec["not"]) == {"pattern"}, name
+        assert ENVELOPE_SCHEMA["properties"]["version"] == {
+            "description": ENVELOPE_SCHEMA["properties"]["version"]["description"],
+            "const": 1,
+        }
+
+    @pytest.mark.parametrize("field", ["id", "tenant", "type", "idempotency_key", "traceparent"])
+    def test_trailing_newline_is_refused(self, field: str) -> None:
+        """Patterns end at the end of input as in ECMA-262 (Python's $ allows a final newline)."""
+        value = {"traceparent": TRACEPARENT}.get(field, "abc") + "\n"
+        assert [e["pointer"] for e in violations(_variant(**{field: value}))] == [f"/{field}"]
+
+    def test_impossible_date_is_refused(self) -> None:
+        """The time must be a real date-time, not just look like one."""
+        errors = violations(_variant(time="2025-02-30T00:00:00Z"))
+        assert errors == [{"pointer": "/time", "message": "is not a valid RFC 3339 date-time"}]
 
 
 class TestFingerprint:
