@@ -35,6 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8082)
     serve.add_argument("--shutdown-timeout", type=float, default=10.0)
+    serve.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="SO_REUSEPORT: several bus processes share the port (they hold no state)",
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     for field in dataclasses.fields(BusConfig):
         serve.add_argument(
@@ -66,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         shutdown_timeout=args.shutdown_timeout,
+        reuse_port=args.reuse_port or None,
         print=None,
         access_log=None,
         loop=_new_loop(),

@@ -4,7 +4,7 @@ One topic of one tenant is one stream, ``nops:bus:{<tenant>}:<topic>``; its
 dead letters are ``nops:bus:{<tenant>}:<topic>:dlq`` and its idempotency
 keys ``nops:bus:{<tenant>}:<topic>:idem:<sha256>``. The braces are a Redis
 Cluster hash tag: every key of a tenant lives in one slot, so the Lua
-scripts below, which touch several of them, stay valid on a cluster. Names
+scripts (``bus/lua/``), which touch several of them, stay valid on a cluster. Names
 are checked against :data:`NAME` (no ``:``), so no topic can reach another
 topic's or another tenant's keys.
 
@@ -26,8 +26,9 @@ Delivery is at least once:
   message id) in one Lua script.
 
 Everything is bounded: streams by ``MAXLEN ~``, batches by ``max_batch``,
-long-polls by ``max_poll_s`` and ``max_pollers``; nothing is buffered per
-consumer in this process.
+long-polls by ``max_poll_s`` and ``max_pollers``, commands waiting for Redis
+by the auto-pipeline's queue (:mod:`bus.pipelining`); nothing is buffered
+per consumer in this process.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, Final
 
 import orjson
@@ -57,6 +59,7 @@ from bus.errors import (
     RedisUnavailable,
     TenantMismatch,
 )
+from bus.pipelining import AutoPipeline
 
 __all__ = [
     "NAME",
@@ -86,76 +89,14 @@ _COMMAND_TIMEOUT_S: Final = 5.0
 #: Bound on the per-(stream, group) caches; past it they start over.
 _MAX_TRACKED: Final = 10_000
 
-_PUBLISH_IDEMPOTENT: Final = """
-local prior = redis.call('GET', KEYS[2])
-if prior then return {0, prior} end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
-redis.call('SET', KEYS[2], id .. ' ' .. ARGV[4] .. ' ' .. ARGV[5], 'EX', ARGV[3])
-return {1, id}
-"""
 
-# KEYS: stream, dlq. ARGV: group, consumer, min idle ms, max deliveries,
-# count, dlq maxlen, now ms. Returns {dead, {id, deliveries, envelope}...}.
-_RECLAIM: Final = """
-local stream, dlq, group, consumer = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
-local max_deliveries = tonumber(ARGV[4])
-local function envelope(fields)
-  for i = 1, #fields, 2 do
-    if fields[i] == 'e' then return fields[i + 1] end
-  end
-  return ''
-end
-local pending = redis.call('XPENDING', stream, group, 'IDLE', ARGV[3], '-', '+', ARGV[5])
-local dead, claim, deliveries = 0, {}, {}
-for _, p in ipairs(pending) do
-  local id, owner, count = p[1], p[2], p[4]
-  if count >= max_deliveries then
-    local entry = redis.call('XRANGE', stream, id, id)[1]
-    if entry then
-      redis.call('XADD', dlq, 'MAXLEN', '~', ARGV[6], '*', 'e', envelope(entry[2]),
-        'source_id', id, 'group', group, 'deliveries', count, 'last_consumer', owner,
-        'reason', 'max_deliveries', 'dead_at', ARGV[7])
-      dead = dead + 1
-    end
-    redis.call('XACK', stream, group, id)
-  else
-    claim[#claim + 1] = id
-    deliveries[id] = count + 1
-  end
-end
-local out = {dead}
-if #claim > 0 then
-  local claimed = redis.call('XCLAIM', stream, group, consumer, ARGV[3], unpack(claim))
-  for _, entry in ipairs(claimed) do
-    if entry and entry[2] then
-      out[#out + 1] = {entry[1], deliveries[entry[1]], envelope(entry[2])}
-    elseif entry then
-      redis.call('XACK', stream, group, entry[1])
-    end
-  end
-end
-return out
-"""
+def _lua(name: str) -> str:
+    return resources.files("bus").joinpath(f"lua/{name}.lua").read_text()
 
-# KEYS: dlq, stream. ARGV: maxlen, dead-letter ids... Returns {{dlq id, new id or false}}.
-_REDRIVE: Final = """
-local out = {}
-for i = 2, #ARGV do
-  local entry = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])[1]
-  if entry then
-    local body = ''
-    for j = 1, #entry[2], 2 do
-      if entry[2][j] == 'e' then body = entry[2][j + 1] end
-    end
-    local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'e', body)
-    redis.call('XDEL', KEYS[1], ARGV[i])
-    out[#out + 1] = {ARGV[i], id}
-  else
-    out[#out + 1] = {ARGV[i], false}
-  end
-end
-return out
-"""
+
+_PUBLISH_IDEMPOTENT: Final = _lua("publish_idempotent")
+_RECLAIM: Final = _lua("reclaim")
+_REDRIVE: Final = _lua("redrive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +199,7 @@ class BusClient:
         # reclaimable only after a whole visibility timeout.
         self._reclaim_every_s = min(config.visibility_timeout_s / 4, 1.0)
         self._pollers = 0
+        self._pipeline = AutoPipeline(redis)
         self._publish_idempotent = redis.register_script(_PUBLISH_IDEMPOTENT)
         self._reclaim = redis.register_script(_RECLAIM)
         self._redrive = redis.register_script(_REDRIVE)
@@ -342,14 +284,17 @@ class BusClient:
         key = envelope.idempotency_key
         async with _redis_errors():
             if key is None:
-                raw_id = await self._redis.xadd(
-                    stream, {_FIELD: body}, maxlen=self.config.max_stream_len, approximate=True
+                raw_id = await self._pipeline.call(
+                    lambda pipe: pipe.xadd(
+                        stream, {_FIELD: body}, maxlen=self.config.max_stream_len, approximate=True
+                    )
                 )
                 return PublishResult(_text(raw_id), envelope.id, duplicate=False)
             mine = fingerprint(envelope)
-            created, value = await self._publish_idempotent(
-                keys=[stream, _idempotency_key(tenant, topic, key)],
-                args=[
+            created, value = await self._pipeline.script(
+                self._publish_idempotent,
+                [stream, _idempotency_key(tenant, topic, key)],
+                [
                     self.config.max_stream_len,
                     body,
                     self.config.idempotency_ttl_s,
@@ -462,9 +407,10 @@ class BusClient:
         if len(self._reclaimed_at) >= _MAX_TRACKED:
             self._reclaimed_at.clear()
         self._reclaimed_at[key] = now  # before the await: concurrent polls skip it
-        result = await self._reclaim(
-            keys=[stream, dlq],
-            args=[
+        result = await self._pipeline.script(
+            self._reclaim,
+            [stream, dlq],
+            [
                 group,
                 consumer,
                 int(self.config.visibility_timeout_s * 1000),
@@ -488,7 +434,9 @@ class BusClient:
         self, stream: str, group: str, consumer: str, count: int, wait_ms: int
     ) -> list[Delivery]:
         if wait_ms <= 0:
-            reply = await self._redis.xreadgroup(group, consumer, {stream: ">"}, count=count)
+            reply = await self._pipeline.call(
+                lambda pipe: pipe.xreadgroup(group, consumer, {stream: ">"}, count=count)
+            )
         else:
             reply = await self._poll_redis.xreadgroup(
                 group, consumer, {stream: ">"}, count=count, block=wait_ms
@@ -512,7 +460,7 @@ class BusClient:
         if not ids:
             return 0
         async with _redis_errors():
-            return int(await self._redis.xack(stream, group, *ids))
+            return int(await self._pipeline.call(lambda pipe: pipe.xack(stream, group, *ids)))
 
     async def pending(
         self,
