@@ -125,17 +125,18 @@ async def _edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     if error is not None:
         response = problem_response(error, request_id=request_id)
     response.headers["X-Request-Id"] = request_id
-    _access.info(
-        "request",
-        extra={
-            "request_id": request_id,
-            "method": request.method,
-            "path": request.path,
-            "status": response.status,
-            "tenant": request.get(_TENANT),
-            "ms": round((time.monotonic() - started) * 1000, 2),
-        },
-    )
+    if _access.isEnabledFor(logging.INFO):
+        _access.info(
+            "request",
+            extra={
+                "request_id": request_id,
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "tenant": request.get(_TENANT),
+                "ms": round((time.monotonic() - started) * 1000, 2),
+            },
+        )
     return response
 
 
