@@ -173,8 +173,10 @@ class TestBearerTokens:
             pytest.param("ES256", {}, id="es256"),
             pytest.param("EdDSA", {}, id="eddsa"),
             pytest.param("RS256", {"scope": ["locked:read"]}, id="scope-as-list"),
-            pytest.param("RS256", {"exp": _now() - 10}, id="exp-within-leeway"),
-            pytest.param("RS256", {"nbf": _now() + 10, "iat": _now() + 10}, id="future-in-leeway"),
+            # Offsets from now, taken when the test runs (not at collection: a
+            # slow suite before this test would push them outside the leeway).
+            pytest.param("RS256", {"exp": -10}, id="exp-within-leeway"),
+            pytest.param("RS256", {"nbf": 10, "iat": 10}, id="future-in-leeway"),
             pytest.param("RS256", {"aud": ["x", AUDIENCE]}, id="audience-in-list"),
         ],
     )
@@ -183,6 +185,7 @@ class TestBearerTokens:
     ) -> None:
         """A good RS256, ES256 or EdDSA token passes identity and OPA and is proxied."""
         key = jwt_issuer.add_key(alg)
+        claims = {k: _now() + v if k in ("exp", "nbf", "iat") else v for k, v in claims.items()}
         response = await jwt_gateway.get(
             "/locked/x", headers=bearer(jwt_issuer.token(key, **claims))
         )
