@@ -305,11 +305,15 @@ async def _run(
     results["load"] = []
     for rate in args.rates:
         before = {name: cpu(name) for name in pids}
+        client_before = time.process_time()
         run = await _open_loop(port, rate, args.duration, args.warmup, args.consumers, args.batch)
         messages = rate * (args.duration + args.warmup)
         run["cpu_us_per_message"] = {
             name: round((cpu(name) - before[name]) / messages * 1e6, 1) for name in pids
         }
+        run["cpu_us_per_message"]["bench_client"] = round(
+            (time.process_time() - client_before) / messages * 1e6, 1
+        )
         results["load"].append(run)
     results["rss_mb"]["bus_end"] = bus_rss()
     results["settings"] = {
