@@ -34,17 +34,13 @@ per consumer in this process.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
 
-import orjson
 import redis.exceptions
 from redis.asyncio import BlockingConnectionPool, Redis
 
@@ -59,7 +55,9 @@ from bus.errors import (
     RedisUnavailable,
     TenantMismatch,
 )
+from bus.keys import MESSAGE_ID, NAME, TENANT, check, dlq_key, idempotency_redis_key, stream_key
 from bus.pipelining import AutoPipeline
+from bus.results import DeadLetter, Delivery, Pending, PendingEntry, PublishResult, Redriven
 
 __all__ = [
     "NAME",
@@ -77,11 +75,6 @@ __all__ = [
 
 _log = logging.getLogger("bus.streams")
 
-#: Topic, group and consumer names.
-NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-#: Tenant ids, as the gateway passes them in ``X-Nops-Tenant``.
-TENANT: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_MESSAGE_ID: Final = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 _FIELD: Final = b"e"
 #: Connections for everything but blocking reads.
 _COMMAND_POOL_SIZE: Final = 64
@@ -97,77 +90,6 @@ def _lua(name: str) -> str:
 _PUBLISH_IDEMPOTENT: Final = _lua("publish_idempotent")
 _RECLAIM: Final = _lua("reclaim")
 _REDRIVE: Final = _lua("redrive")
-
-
-@dataclass(frozen=True, slots=True)
-class PublishResult:
-    #: The message id (the stream entry id) consumers ack.
-    id: str
-    #: The envelope id.
-    event_id: str
-    #: True when an earlier publish with the same idempotency key made the message.
-    duplicate: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    id: str
-    #: 1 on first delivery; more when reclaimed after the visibility timeout.
-    deliveries: int
-    #: The envelope as stored (validated JSON).
-    envelope_json: bytes
-
-    @property
-    def envelope(self) -> dict[str, Any]:
-        doc: dict[str, Any] = orjson.loads(self.envelope_json)
-        return doc
-
-
-@dataclass(frozen=True, slots=True)
-class PendingEntry:
-    id: str
-    consumer: str
-    idle_ms: int
-    deliveries: int
-
-
-@dataclass(frozen=True, slots=True)
-class Pending:
-    count: int
-    consumers: dict[str, int]
-    entries: list[PendingEntry]
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    id: str
-    source_id: str
-    group: str
-    deliveries: int
-    last_consumer: str
-    reason: str
-    dead_at_ms: int
-    envelope_json: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Redriven:
-    dead_letter_id: str
-    #: The new message id on the topic, or None if the dead letter was not found.
-    id: str | None
-
-
-def stream_key(tenant: str, topic: str) -> str:
-    return f"nops:bus:{{{_check(TENANT, tenant, 'tenant')}}}:{_check(NAME, topic, 'topic')}"
-
-
-def dlq_key(tenant: str, topic: str) -> str:
-    return stream_key(tenant, topic) + ":dlq"
-
-
-def _idempotency_key(tenant: str, topic: str, key: str) -> str:
-    digest = hashlib.sha256(key.encode()).hexdigest()[:40]
-    return f"{stream_key(tenant, topic)}:idem:{digest}"
 
 
 class BusClient:
@@ -293,7 +215,7 @@ class BusClient:
             mine = fingerprint(envelope)
             created, value = await self._pipeline.script(
                 self._publish_idempotent,
-                [stream, _idempotency_key(tenant, topic, key)],
+                [stream, idempotency_redis_key(tenant, topic, key)],
                 [
                     self.config.max_stream_len,
                     body,
@@ -331,8 +253,8 @@ class BusClient:
         long-polls are already waiting.
         """
         stream, dlq = stream_key(tenant, topic), dlq_key(tenant, topic)
-        _check(NAME, group, "group")
-        _check(NAME, consumer, "consumer")
+        check(NAME, group, "group")
+        check(NAME, consumer, "consumer")
         limit = self.config.max_batch
         if not 1 <= max_messages <= limit:
             raise MalformedRequest(f"max must be between 1 and {limit}", reasons=("invalid_max",))
@@ -454,9 +376,9 @@ class BusClient:
     async def ack(self, tenant: str, topic: str, group: str, ids: Sequence[str]) -> int:
         """Acknowledge ``ids``; returns how many were pending (each counts once, ever)."""
         stream = stream_key(tenant, topic)
-        _check(NAME, group, "group")
+        check(NAME, group, "group")
         for message_id in ids:
-            _check(_MESSAGE_ID, message_id, "id")
+            check(MESSAGE_ID, message_id, "id")
         if not ids:
             return 0
         async with _redis_errors():
@@ -473,9 +395,9 @@ class BusClient:
     ) -> Pending:
         """The group's delivered but unacknowledged messages (oldest first)."""
         stream = stream_key(tenant, topic)
-        _check(NAME, group, "group")
+        check(NAME, group, "group")
         if consumer is not None:
-            _check(NAME, consumer, "consumer")
+            check(NAME, consumer, "consumer")
         async with _redis_errors():
             with _no_group():
                 summary = await self._redis.xpending(stream, group)
@@ -503,7 +425,7 @@ class BusClient:
     ) -> list[DeadLetter]:
         """The topic's dead letters, oldest first, after the id ``after`` if given."""
         dlq = dlq_key(tenant, topic)
-        start = "-" if after is None else "(" + _check(_MESSAGE_ID, after, "after")
+        start = "-" if after is None else "(" + check(MESSAGE_ID, after, "after")
         async with _redis_errors():
             rows = await self._redis.xrange(dlq, min=start, max="+", count=max_entries)
         letters: list[DeadLetter] = []
@@ -544,7 +466,7 @@ class BusClient:
                 for letter in await self.dead_letters(tenant, topic, max_entries=max_entries)
             ]
         for message_id in ids:
-            _check(_MESSAGE_ID, message_id, "id")
+            check(MESSAGE_ID, message_id, "id")
         if not ids:
             return []
         async with _redis_errors():
@@ -559,12 +481,6 @@ def _stream_entries(reply: Any) -> list[tuple[Any, list[tuple[Any, Any]]]]:
     if isinstance(reply, dict):
         return [(name, value[0] if value else []) for name, value in reply.items()]
     return [(name, entries) for name, entries in reply]
-
-
-def _check(pattern: re.Pattern[str], value: str, what: str) -> str:
-    if not isinstance(value, str) or pattern.fullmatch(value) is None:
-        raise MalformedRequest(f"invalid {what}", reasons=(f"invalid_{what}",))
-    return value
 
 
 def _text(value: Any) -> str:
