@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+import limits
 import yarl
 
 __all__ = [
@@ -40,7 +41,10 @@ __all__ = [
     "DependenciesConfig",
     "LoggingConfig",
     "PolicyConfig",
+    "RateLimitConfig",
+    "RateLimitTierConfig",
     "RouteConfig",
+    "RouteRateLimitConfig",
     "ServerConfig",
     "load_config",
     "parse_config",
@@ -143,6 +147,68 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitTierConfig:
+    """Limits for the tenants of one tier; an empty string means no limit at that level."""
+
+    #: Per tenant, across all its agents and routes.
+    tenant: str = "1000/minute"
+    #: Per agent of a tenant, when an earlier stage named the agent.
+    agent: str = "100/second"
+    #: Per tenant and route, for every route without its own ``[ratelimit.routes.<route>]``.
+    route: str = ""
+
+    def validate(self, key: str) -> None:
+        for name in ("tenant", "agent", "route"):
+            _require_rate_limit(getattr(self, name), f"{key}.{name}")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRateLimitConfig:
+    #: Per tenant on this route, whatever the tenant's tier.
+    limit: str
+
+    def validate(self, key: str) -> None:
+        _require(bool(self.limit), f"{key}.limit", "must not be empty")
+        _require_rate_limit(self.limit, f"{key}.limit")
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """The ``ratelimit`` stage; each limit is a ``limits`` string such as ``"100/minute"``."""
+
+    enabled: bool = True
+    strategy: Literal["sliding-window-counter", "moving-window", "fixed-window"] = (
+        "sliding-window-counter"
+    )
+    #: ``auto``: Redis (shared by every node) when ``dependencies.redis_url`` is set, else memory.
+    storage: Literal["auto", "memory", "redis"] = "auto"
+    #: Per client IP (IPv6 per /64) for requests no earlier stage attributed to a tenant.
+    anonymous: str = "100/minute"
+    #: The tier of tenants that name none, or a tier not defined here.
+    default_tier: str = "default"
+    tiers: dict[str, RateLimitTierConfig] = field(
+        default_factory=lambda: {"default": RateLimitTierConfig()}
+    )
+    #: Per-route overrides of the tier's ``route`` limit, keyed by route name.
+    routes: dict[str, RouteRateLimitConfig] = field(default_factory=dict)
+    #: Seconds between attempts to go back to Redis after it failed (memory meanwhile).
+    fallback_retry_s: float = 5.0
+
+    def validate(self, key: str) -> None:
+        _require_rate_limit(self.anonymous, f"{key}.anonymous")
+        for name, tier in self.tiers.items():
+            tier.validate(f"{key}.tiers.{name}")
+        _require(
+            self.default_tier in self.tiers,
+            f"{key}.default_tier",
+            f"tier {self.default_tier!r} is not defined under [{key}.tiers]",
+        )
+        for name, route in self.routes.items():
+            route.validate(f"{key}.routes.{name}")
+        _require(self.fallback_retry_s > 0, f"{key}.fallback_retry_s", "must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     """A path prefix proxied to one upstream, after the whole pipeline."""
 
@@ -178,6 +244,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     dependencies: DependenciesConfig = field(default_factory=DependenciesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     routes: tuple[RouteConfig, ...] = ()
 
     def validate(self) -> None:
@@ -198,6 +265,14 @@ class Config:
             _require(route.prefix not in prefixes, f"{key}.prefix", "duplicate prefix")
             names.add(route.name)
             prefixes.add(route.prefix)
+        self.ratelimit.validate("ratelimit")
+        for name in self.ratelimit.routes:
+            _require(name in names, f"ratelimit.routes.{name}", f"no route is named {name!r}")
+        _require(
+            self.ratelimit.storage != "redis" or bool(self.dependencies.redis_url),
+            "ratelimit.storage",
+            "'redis' needs dependencies.redis_url",
+        )
 
 
 DEFAULT_CONFIG: Final = Config()
@@ -319,6 +394,18 @@ def _join(prefix: str, key: str) -> str:
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(key, message)
+
+
+def _require_rate_limit(value: str, key: str) -> None:
+    """Empty (no limit) or exactly one ``limits`` rate such as ``100/minute``."""
+    if not value:
+        return
+    try:
+        items = limits.parse_many(value)
+    except ValueError:
+        raise ConfigError(key, f"{value!r} is not a rate limit such as '100/minute'") from None
+    _require(len(items) == 1, key, "must be one rate limit such as '100/minute', not several")
+    _require(items[0].amount > 0, key, "must allow at least one request per window")
 
 
 def _require_http_url(value: str, key: str) -> None:

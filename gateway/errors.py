@@ -10,6 +10,7 @@ turned into RFC 9457 problem+json only at the HTTP edge
      ├── NoRoute                   404 no-route
      ├── MethodNotAllowed          405 method-not-allowed
      ├── PayloadTooLarge           413 payload-too-large
+     ├── RateLimited               429 rate-limited         (carries reasons, retry_after)
      ├── PolicyDenied              403 policy-denied        (carries reasons)
      ├── PolicyUnavailable         503 policy-unavailable
      ├── DependencyUnavailable     503 dependency-unavailable
@@ -36,6 +37,7 @@ __all__ = [
     "PayloadTooLarge",
     "PolicyDenied",
     "PolicyUnavailable",
+    "RateLimited",
     "UpstreamTimeout",
     "UpstreamUnavailable",
 ]
@@ -85,6 +87,14 @@ class PayloadTooLarge(GatewayError):
     code = "payload-too-large"
     status = 413
     title = "Request body too large"
+
+
+class RateLimited(GatewayError):
+    """A quota is used up; reasons: tenant_limit, agent_limit, route_limit, anonymous_limit."""
+
+    code = "rate-limited"
+    status = 429
+    title = "Too many requests"
 
 
 class PolicyDenied(GatewayError):
