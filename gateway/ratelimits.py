@@ -4,19 +4,20 @@ A request takes one unit from each of its quotas (tenant, agent, route, or
 per-IP for anonymous traffic) through :class:`QuotaLimiter.take`, which works
 in two passes:
 
-1. *peek*: read every quota's window in order and stop at the first one
-   with nothing left. A refused request consumes nothing, so an agent that
-   floods past its own limit cannot use up its tenant's quota and starve the
-   tenant's other agents, and a client hammering while limited does not push
-   its own recovery further out.
-2. *take*: ``hit`` every quota in the same order. Between the peek and the
-   hit a concurrent request may take the last unit; that hit then fails and
-   the request is refused, and only in that race do the units already taken
-   by its earlier quotas stay consumed (``limits`` has no atomic multi-key
-   take and no refund).
+1. *peek*: read every quota's window; the first one in order with nothing
+   left refuses the request. A refused request consumes nothing, so an agent
+   that floods past its own limit cannot use up its tenant's quota and starve
+   the tenant's other agents, and a client hammering while limited does not
+   push its own recovery further out.
+2. *take*: ``hit`` every quota. Between the peek and the hit a concurrent
+   request may take the last unit; that hit then fails and the request is
+   refused, and only in that race do the units taken from its other quotas
+   stay consumed (``limits`` has no atomic multi-key take and no refund).
 
 The peek is not an extra cost: it is the read that the ``RateLimit`` header
-fields need anyway, so a request costs two storage round trips per quota.
+fields need anyway. Over Redis the quotas of each pass are sent at once, so
+a request waits two round trips whatever its number of quotas; in memory
+they run one after another (no task overhead).
 
 With Redis, every node shares the windows. When Redis fails (any storage
 error, including a timeout) the limiter answers from a per-node memory
@@ -32,12 +33,14 @@ wall clock itself, and the seconds reported to clients must agree with it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from functools import partial
+from typing import Final, TypeVar
 
 from limits import RateLimitItem
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
@@ -53,10 +56,11 @@ __all__ = ["KEY_PREFIX", "Quota", "QuotaLimiter", "QuotaState", "TakeResult"]
 
 _log = logging.getLogger("gateway.ratelimit")
 
-#: Prefix of every rate-limit key in Redis.
+#: Prefix of every rate-limit key in Redis (followed by the strategy name).
 KEY_PREFIX: Final = "nops:rl"
 # A failing Redis surfaces as any of these, depending on where it failed.
 _STORAGE_ERRORS: Final = (StorageError, RedisError, OSError, TimeoutError)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +132,9 @@ class QuotaLimiter:
                 "async+redis://",
                 wrap_exceptions=True,
                 implementation="redispy",
-                key_prefix=KEY_PREFIX,
+                # Strategies keep different data types under a key: a rolling
+                # change of strategy must not meet the old one's keys.
+                key_prefix=f"{KEY_PREFIX}:{config.strategy}",
                 connection_pool=redis.connection_pool,  # type: ignore[arg-type]
             )
         return cls(
@@ -138,23 +144,18 @@ class QuotaLimiter:
             retry_s=config.fallback_retry_s,
         )
 
-    @property
-    def shared(self) -> bool:
-        """True when quotas are meant to be shared through Redis."""
-        return self._shared is not None
-
     async def take(self, quotas: Sequence[Quota]) -> TakeResult:
         """Peek at every quota in order, then take one unit from each (see module doc)."""
         if not quotas:
             return TakeResult()
         limiter = self._shared
         if limiter is None or (self.degraded and self._monotonic() < self._retry_at):
-            return await _take(self._local, quotas)
+            return await _take(self._local, quotas, concurrent=False)
         try:
-            result = await _take(limiter, quotas)
+            result = await _take(limiter, quotas, concurrent=True)
         except _STORAGE_ERRORS as exc:
             self._fail(exc)
-            return await _take(self._local, quotas)
+            return await _take(self._local, quotas, concurrent=False)
         if self.degraded:
             self._recover()
         return result
@@ -175,29 +176,43 @@ class QuotaLimiter:
         _log.info("rate-limit storage is back: limits are shared again")
 
 
-async def _take(limiter: RateLimiter, quotas: Sequence[Quota]) -> TakeResult:
+async def _take(limiter: RateLimiter, quotas: Sequence[Quota], *, concurrent: bool) -> TakeResult:
+    windows = await _each(
+        concurrent, [partial(limiter.get_window_stats, q.item, *q.identifiers) for q in quotas]
+    )
+    now = time.time()
     peeked: list[tuple[Quota, int, float]] = []
-    for quota in quotas:
-        stats = await limiter.get_window_stats(quota.item, *quota.identifiers)
-        reset_in = stats.reset_time - time.time()
+    for quota, stats in zip(quotas, windows, strict=True):
+        reset_in = stats.reset_time - now
         if stats.remaining < 1:
-            states = (*_allowed(peeked), _refused(quota, reset_in))
+            states = (*_passed(peeked, taken=False), _refused(quota, reset_in))
             return TakeResult(states, quota)
         peeked.append((quota, stats.remaining, reset_in))
-    for index, (quota, _, reset_in) in enumerate(peeked):
-        if not await limiter.hit(quota.item, *quota.identifiers):
+    hits = await _each(concurrent, [partial(limiter.hit, q.item, *q.identifiers) for q in quotas])
+    for index, hit in enumerate(hits):
+        if not hit:
             # Lost a race for the last unit since the peek.
-            return TakeResult((*_allowed(peeked[:index]), _refused(quota, reset_in)), quota)
-    return TakeResult(_allowed(peeked))
+            quota, _, reset_in = peeked[index]
+            states = (*_passed(peeked[:index], taken=True), _refused(quota, reset_in))
+            return TakeResult(states, quota)
+    return TakeResult(_passed(peeked, taken=True))
 
 
-def _allowed(peeked: Sequence[tuple[Quota, int, float]]) -> tuple[QuotaState, ...]:
+async def _each(concurrent: bool, calls: Sequence[Callable[[], Awaitable[_T]]]) -> list[_T]:
+    """Run ``calls`` one after another, or at once (one round trip of latency over Redis)."""
+    if concurrent and len(calls) > 1:
+        return list(await asyncio.gather(*(call() for call in calls)))
+    return [await call() for call in calls]
+
+
+def _passed(peeked: Sequence[tuple[Quota, int, float]], *, taken: bool) -> tuple[QuotaState, ...]:
     states = []
     for quota, remaining, reset_in in peeked:
         window = quota.item.get_expiry()
         # An empty window (nothing to reset yet) starts with this request.
         reset = min(math.ceil(reset_in), window) if reset_in > 0 else window
-        states.append(QuotaState(quota.policy, quota.item.amount, window, remaining - 1, reset))
+        left = remaining - 1 if taken else remaining
+        states.append(QuotaState(quota.policy, quota.item.amount, window, left, reset))
     return tuple(states)
 
 

@@ -341,9 +341,10 @@ class TestAgentAndRouteQuotas:
         tenant = unique("acme")
         await allowed(stage, make_ctx(tenant, agent="noisy"))
         for _ in range(5):
-            assert (await refused(stage, make_ctx(tenant, agent="noisy"))).reasons == (
-                "agent_limit",
-            )
+            ctx = make_ctx(tenant, agent="noisy")
+            assert (await refused(stage, ctx)).reasons == ("agent_limit",)
+            fields = parse_field(ctx.response_headers["RateLimit"])
+            assert (fields["tenant"]["r"], fields["agent"]["r"]) == (2, 0)
         await allowed(stage, make_ctx(tenant, agent="a2"))
         ctx = await allowed(stage, make_ctx(tenant, agent="a3"))
         assert parse_field(ctx.response_headers["RateLimit"])["tenant"]["r"] == 0
@@ -425,6 +426,21 @@ class TestSharedRedis:
         finally:
             for client in clients:
                 await client.aclose()
+
+    async def test_strategies_keep_apart(self, redis_client: Redis) -> None:
+        """Nodes on different strategies (a rolling change) never share a key; none degrades."""
+        tenant = unique("acme")
+        for strategy in STRATEGIES:
+            config = parse_config(
+                {"ratelimit": {"strategy": strategy, "tiers": {"default": {"tenant": "2/hour"}}}}
+            )
+            stage = Ratelimit.create(config.ratelimit, redis=redis_client, metrics=Metrics())
+            for _ in range(2):
+                await allowed(stage, make_ctx(tenant))
+            assert (await refused(stage, make_ctx(tenant))).reasons == ("tenant_limit",)
+            assert not stage.degraded
+        keys = {k.decode() async for k in redis_client.scan_iter(f"{KEY_PREFIX}:*{tenant}*")}
+        assert {k.split(":")[2] for k in keys} == set(STRATEGIES)
 
     async def test_concurrent_requests_never_exceed_the_quota(self, redis_client: Redis) -> None:
         """Many concurrent requests for one tenant: exactly the quota is served."""
