@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Final
 
@@ -41,10 +41,14 @@ METRICS: Final = web.AppKey("metrics", Metrics)
 REDIS: Final[web.AppKey[Redis | None]] = web.AppKey("redis")
 _HTTP: Final = web.AppKey("http_session", aiohttp.ClientSession)
 _READINESS: Final = web.AppKey("readiness", ReadinessChecker)
+_CLOCK: Final[web.AppKey[Callable[[], float]]] = web.AppKey("clock")
 
 
-def create_app(config: Config) -> web.Application:
-    """Build the gateway application for ``config``; nothing starts until it runs."""
+def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
+    """Build the gateway application for ``config``; nothing starts until it runs.
+
+    ``clock`` (wall-clock seconds) is what the pipeline judges time by; tests pin it.
+    """
     metrics = Metrics()
     app = web.Application(
         middlewares=[
@@ -58,6 +62,7 @@ def create_app(config: Config) -> web.Application:
     )
     app[CONFIG] = config
     app[METRICS] = metrics
+    app[_CLOCK] = clock
     app.on_response_prepare.append(set_security_headers)
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_policy_engine)
@@ -135,7 +140,7 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
             proxy=proxy,
             redis=app[REDIS],
             metrics=app[METRICS],
-            clock=time.time,
+            clock=app[_CLOCK],
         )
     )
     yield

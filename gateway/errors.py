@@ -7,8 +7,13 @@ turned into RFC 9457 problem+json only at the HTTP edge
 
     GatewayError
      ├── MalformedRequest          400 malformed-request
+     ├── MalformedSignature        400 malformed-signature  (unparseable signature fields)
+     ├── MissingSignature          401 missing-signature
+     ├── BadSignature              401 bad-signature        (carries reasons)
+     ├── StaleRequest              401 stale-request        (carries reasons)
      ├── NoRoute                   404 no-route
      ├── MethodNotAllowed          405 method-not-allowed
+     ├── ReplayedNonce             409 replayed-nonce
      ├── PayloadTooLarge           413 payload-too-large
      ├── PolicyDenied              403 policy-denied        (carries reasons)
      ├── PolicyUnavailable         503 policy-unavailable
@@ -27,15 +32,20 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 __all__ = [
+    "BadSignature",
     "DependencyUnavailable",
     "GatewayError",
     "InternalError",
     "MalformedRequest",
+    "MalformedSignature",
     "MethodNotAllowed",
+    "MissingSignature",
     "NoRoute",
     "PayloadTooLarge",
     "PolicyDenied",
     "PolicyUnavailable",
+    "ReplayedNonce",
+    "StaleRequest",
     "UpstreamTimeout",
     "UpstreamUnavailable",
 ]
@@ -67,6 +77,36 @@ class MalformedRequest(GatewayError):
     code = "malformed-request"
     status = 400
     title = "Malformed request"
+
+
+class MalformedSignature(GatewayError):
+    code = "malformed-signature"
+    status = 400
+    title = "Malformed signature fields"
+
+
+class MissingSignature(GatewayError):
+    code = "missing-signature"
+    status = 401
+    title = "This route requires a signed request"
+
+
+class BadSignature(GatewayError):
+    code = "bad-signature"
+    status = 401
+    title = "The request signature does not verify"
+
+
+class StaleRequest(GatewayError):
+    code = "stale-request"
+    status = 401
+    title = "The request signature is not fresh"
+
+
+class ReplayedNonce(GatewayError):
+    code = "replayed-nonce"
+    status = 409
+    title = "This request was already seen"
 
 
 class NoRoute(GatewayError):

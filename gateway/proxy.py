@@ -3,7 +3,9 @@
 Hop-by-hop headers (RFC 9110 §7.6.1, plus any named in ``Connection``) are
 dropped both ways; ``X-Forwarded-For/-Proto/-Host`` and ``X-Request-Id`` are
 set for the upstream. Bodies stream in both directions; the request body is
-cut off at the configured cap. Connection failures are 502, timeouts 504.
+cut off at the configured cap. A body a stage already read whole
+(``ctx.body``, to verify its digest) is sent as those bytes. Connection
+failures are 502, timeouts 504.
 """
 
 from __future__ import annotations
@@ -94,13 +96,20 @@ class ReverseProxy:
         request = ctx.request
         url = _target_url(route, request)
         timeout = aiohttp.ClientTimeout(total=route.timeout_s, connect=route.connect_timeout_s)
-        body = _CappedBody(request, self._max_body) if request.body_exists else None
+        body: _CappedBody | None = None
+        data: bytes | AsyncIterator[bytes] | None = None
+        if ctx.body is not None:
+            # The stream is consumed: send the bytes whose digest was verified.
+            data = ctx.body or None
+        elif request.body_exists:
+            body = _CappedBody(request, self._max_body)
+            data = body.chunks()
         try:
             upstream = await self._session.request(
                 request.method,
                 url,
                 headers=_upstream_headers(ctx, url, self._trusted),
-                data=body.chunks() if body is not None else None,
+                data=data,
                 timeout=timeout,
                 allow_redirects=False,
                 auto_decompress=False,

@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.middleware import SECURITY_HEADERS
 from gateway.problem import PROBLEM_CONTENT_TYPE, problem_type
-from tests.conftest import GatewayFactory, OpaProcess, free_port
+from tests.conftest import GatewayFactory, OpaProcess, Signer, free_port
 from tests.problems import assert_problem
 from tests.rawhttp import raw_request
 
@@ -79,21 +79,37 @@ class TestAllowedRequests:
 
 class TestDenials:
     @pytest.mark.parametrize(
-        ("method", "path", "reasons"),
+        ("method", "path", "signed", "reasons"),
         [
-            pytest.param("DELETE", "/readonly/x", ["method_not_allowed"], id="method-not-allowed"),
             pytest.param(
-                "GET", "/locked/x", ["authentication_required", "missing_scope"], id="locked"
+                "DELETE", "/readonly/x", False, ["method_not_allowed"], id="method-not-allowed"
+            ),
+            pytest.param(
+                "GET",
+                "/locked/x",
+                True,
+                ["authentication_required", "missing_scope"],
+                id="locked-signed-no-token",
             ),
         ],
     )
     async def test_policy_denies_with_reasons(
-        self, gateway: Client, method: str, path: str, reasons: list[str]
+        self, gateway: Client, method: str, path: str, signed: bool, reasons: list[str]
     ) -> None:
         """OPA's deny reaches the client as 403 policy-denied with its reasons."""
-        response = await gateway.request(method, path)
+        if signed:
+            response = await Signer(gateway).request(method, path)
+        else:
+            response = await gateway.request(method, path)
         body = await assert_problem(response, 403, "policy-denied", reasons)
         assert len(body["decision_id"]) == 36
+
+    async def test_unsigned_request_to_signed_route_is_401(self, gateway: Client) -> None:
+        """A route that requires a signature refuses an unsigned request before the policy."""
+        response = await gateway.get("/locked/x")
+        body = await assert_problem(response, 401, "missing-signature", ["signature_missing"])
+        assert "decision_id" not in body
+        assert "Accept-Signature" in response.headers
 
     @pytest.mark.parametrize(
         ("decision_path", "reason"),
@@ -242,7 +258,11 @@ class TestFailures:
     async def test_upstream_down_is_502(self, make_gateway: GatewayFactory) -> None:
         """An upstream refusing connections is 502 upstream-unavailable."""
         dead = f"http://127.0.0.1:{free_port()}"
-        client = await make_gateway(routes=[{"name": "echo", "prefix": "/echo/", "upstream": dead}])
+        client = await make_gateway(
+            routes=[
+                {"name": "echo", "prefix": "/echo/", "upstream": dead, "require_signature": False}
+            ]
+        )
         await assert_problem(await client.get("/echo/x"), 502, "upstream-unavailable")
 
     async def test_upstream_slow_is_504(self, gateway: Client) -> None:
