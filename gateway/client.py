@@ -74,23 +74,27 @@ def sign_request(
     components: Sequence[str] | None = None,
     label: str = DEFAULT_LABEL,
     digest_algorithms: Sequence[str] = ("sha-256",),
-    include_alg: bool = False,
+    alg: str | None = None,
     clock: Callable[[], float] = time.time,
 ) -> dict[str, str]:
     """The headers that sign this request: Content-Digest (if covered), Signature-Input, Signature.
 
     ``url`` must be absolute and exactly what is sent (scheme, host, port,
     path and query as they go on the wire). ``headers`` supplies the values
-    of covered header fields. ``created`` defaults to ``clock()`` and
-    ``nonce`` to 128 random bits; ``False`` leaves either parameter out
-    (the gateway then refuses the request; useful for interop tests only).
+    of covered header fields; a Content-Digest among them is kept as it is
+    (it must match the body), else one is computed when covered.
+    ``created`` defaults to ``clock()`` and ``nonce`` to 128 random bits;
+    ``False`` leaves either parameter out (the gateway then refuses the
+    request; useful for interop tests only).
+    ``alg`` adds the optional alg parameter; the gateway takes the algorithm
+    from the key and refuses any value but ``hmac-sha256``. The MAC is always
+    HMAC-SHA256.
     """
     pairs = list(headers.items() if isinstance(headers, Mapping) else headers or ())
     covered = tuple(components) if components is not None else default_components(body)
     added: dict[str, str] = {}
-    if "content-digest" in covered:
+    if "content-digest" in covered and not any(k.lower() == "content-digest" for k, _ in pairs):
         added["Content-Digest"] = content_digest(body or b"", digest_algorithms)
-        pairs = [(k, v) for k, v in pairs if k.lower() != "content-digest"]
         pairs.append(("Content-Digest", added["Content-Digest"]))
     params: dict[str, Any] = {}
     if created is not False:
@@ -100,8 +104,8 @@ def sign_request(
     params["keyid"] = keyid
     if nonce is not False:
         params["nonce"] = secrets.token_urlsafe(16) if nonce is None else nonce
-    if include_alg:
-        params["alg"] = ALGORITHM
+    if alg is not None:
+        params["alg"] = alg
     inner = signature_params(covered, params)
     base = signature_base(Message.from_url(method, url, pairs), tuple(inner), str(inner))
     signature_input = Dictionary()

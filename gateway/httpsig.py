@@ -31,6 +31,7 @@ __all__ = [
     "MalformedFields",
     "Message",
     "SignatureEntry",
+    "accept_signature",
     "content_digest",
     "digest_mismatches",
     "hmac_sha256",
@@ -325,6 +326,17 @@ def _field_value(message: Message, name: str, params: Mapping[str, Any]) -> byte
     if type(key) is not str or key not in parsed:
         raise ComponentError("component_unavailable", f"{name} lacks the covered key")
     return str(parsed[key]).encode("ascii")
+
+
+def accept_signature(components: Sequence[str], label: str) -> str:
+    """RFC 9421 §5.1 Accept-Signature: what to cover, with created and nonce, for hmac-sha256."""
+    wanted = InnerList([Item(name) for name in components])
+    wanted.params["created"] = True
+    wanted.params["nonce"] = True
+    wanted.params["alg"] = "hmac-sha256"
+    members = Dictionary()
+    members[label] = wanted
+    return str(members)
 
 
 def hmac_sha256(secret: bytes, base: bytes) -> bytes:

@@ -21,8 +21,8 @@ that cannot answer fails closed: 503 dependency-unavailable.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Final, NoReturn
 
 from aiohttp import web
 
@@ -34,6 +34,7 @@ from gateway.errors import (
     ReplayedNonce,
     StaleRequest,
 )
+from gateway.pipeline.signature import challenge
 from gateway.replay import (
     MemoryNonceStore,
     NonceStore,
@@ -57,11 +58,17 @@ class Freshness:
     name = "freshness"
 
     def __init__(
-        self, config: FreshnessConfig, store: NonceStore, *, clock: Callable[[], float]
+        self,
+        config: FreshnessConfig,
+        store: NonceStore,
+        *,
+        clock: Callable[[], float],
+        challenge: Mapping[str, str],
     ) -> None:
         self._config = config
         self._store = store
         self._clock = clock
+        self._challenge = dict(challenge)
 
     async def run(self, ctx: RequestContext) -> web.StreamResponse | None:
         signature = ctx.signature
@@ -71,15 +78,13 @@ class Freshness:
         created = signature.get("created")
         expires = signature.get("expires")
         if created is None:
-            raise StaleRequest(
-                "the signature has no created parameter", reasons=("created_missing",)
-            )
+            self._stale("created_missing", "the signature has no created parameter")
         if created - now > self._config.max_skew_s:
-            raise StaleRequest("created lies in the future", reasons=("created_in_future",))
+            self._stale("created_in_future", "created lies in the future")
         if now - created > self._config.max_age_s:
-            raise StaleRequest("the signature is too old", reasons=("created_too_old",))
+            self._stale("created_too_old", "the signature is too old")
         if expires is not None and now > expires:
-            raise StaleRequest("the signature has expired", reasons=("expired",))
+            self._stale("expired", "the signature has expired")
         nonce = signature.get("nonce")
         if nonce is None:
             raise MalformedSignature(
@@ -103,6 +108,9 @@ class Freshness:
             raise ReplayedNonce("this nonce was already used", reasons=("nonce_reused",))
         return None
 
+    def _stale(self, reason: str, detail: str) -> NoReturn:
+        raise StaleRequest(detail, reasons=(reason,), headers=self._challenge)
+
 
 def build(deps: PipelineDeps) -> Freshness:
     config = deps.config.freshness
@@ -116,4 +124,4 @@ def build(deps: PipelineDeps) -> Freshness:
         store = RedisNonceStore(deps.redis)
     else:
         store = MemoryNonceStore(max_entries=config.memory_max_nonces, clock=deps.clock)
-    return Freshness(config, store, clock=deps.clock)
+    return Freshness(config, store, clock=deps.clock, challenge=challenge(deps.config.signature))

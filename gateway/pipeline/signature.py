@@ -31,8 +31,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from aiohttp import hdrs, web
-from http_sfv.dictionary import Dictionary
-from http_sfv.item import InnerList, Item
 
 from gateway.config import SignatureConfig
 from gateway.context import RequestContext, Tenant
@@ -42,6 +40,7 @@ from gateway.httpsig import (
     MalformedFields,
     Message,
     SignatureEntry,
+    accept_signature,
     digest_mismatches,
     hmac_sha256,
     normalize_authority,
@@ -53,7 +52,7 @@ from gateway.keyring import Keyring, KeyState, build_keyring
 if TYPE_CHECKING:
     from gateway.pipeline import PipelineDeps
 
-__all__ = ["SignatureStage", "accept_signature", "build"]
+__all__ = ["SignatureStage", "build", "challenge"]
 
 SIGNATURE_INPUT: Final = "Signature-Input"
 SIGNATURE: Final = "Signature"
@@ -61,15 +60,10 @@ CONTENT_DIGEST: Final = "Content-Digest"
 _TARGET_URI_PARTS: Final = frozenset({"@authority", "@path", "@query"})
 
 
-def accept_signature(config: SignatureConfig) -> str:
-    """RFC 9421 §5.1 Accept-Signature value telling a client what to cover."""
-    wanted = InnerList([Item(name) for name in config.required_components])
-    for name in ("created", "nonce"):
-        wanted.params[name] = True
-    wanted.params["alg"] = "hmac-sha256"
-    field = Dictionary()
-    field[config.label or "sig1"] = wanted
-    return str(field)
+def challenge(config: SignatureConfig) -> dict[str, str]:
+    """Headers for a 401: Accept-Signature (RFC 9421 §5.1) with what to cover."""
+    label = config.label or "sig1"
+    return {"Accept-Signature": accept_signature(config.required_components, label)}
 
 
 class SignatureStage:
@@ -90,7 +84,7 @@ class SignatureStage:
         self._trusted = trusted_proxies
         self._clock = clock
         self._required = frozenset(config.required_components)
-        self._challenge = {"Accept-Signature": accept_signature(config)}
+        self._challenge = challenge(config)
 
     async def run(self, ctx: RequestContext) -> web.StreamResponse | None:
         request = ctx.request
