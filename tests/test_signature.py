@@ -666,6 +666,37 @@ class TestAnonymousRoutes:
         assert tenants == ["globex"]
 
 
+class TestPolicyInput:
+    @pytest.mark.parametrize(
+        ("keyid", "reason"),
+        [
+            pytest.param(
+                "acme-k1",
+                "tenant_acme_tier_professional_keyid_acme_k1_alg_hmac_sha256_created_1800000000",
+                id="acme",
+            ),
+            pytest.param(
+                "globex-k1",
+                "tenant_globex_tier_free_keyid_globex_k1_alg_hmac_sha256_created_1800000000",
+                id="globex",
+            ),
+            pytest.param(None, "tenant_null_tier_null_keyid_null_alg_null_created_null", id="anon"),
+        ],
+    )
+    async def test_policy_sees_tenant_and_signature(
+        self, make_gateway: GatewayFactory, keyid: str | None, reason: str
+    ) -> None:
+        """The policy input carries the signer's tenant, tier, keyid, alg and created."""
+        clock = PinnedClock(NOW)
+        # tests/fixtures/rego/test/echo_input.rego denies with the input as its reason.
+        client = await make_gateway(clock=clock, policy={"decision_path": "test/echo/decision"})
+        if keyid is None:
+            response = await client.get("/echo/x")
+        else:
+            response = await Signer(client, keyid, clock=clock).request("GET", "/echo/x")
+        await assert_problem(response, 403, "policy-denied", [reason])
+
+
 class TestClientHelper:
     async def test_signing_middleware_signs_every_request(self, gateway: Client) -> None:
         """An aiohttp session with the signing middleware passes a signature-only route."""
