@@ -1,8 +1,9 @@
 """The aiohttp application factory.
 
 Resources are created and closed in ``cleanup_ctx`` (in order: the policy
-engine, the upstream client session, the pipeline), so a graceful shutdown
-lets in-flight requests finish before anything they use is closed.
+engine, the upstream client session, the gateway's own outbound session, the
+pipeline), so a graceful shutdown lets in-flight requests finish before
+anything they use is closed.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ METRICS: Final = web.AppKey("metrics", Metrics)
 #: The shared Redis client, or None on a single node without Redis.
 REDIS: Final[web.AppKey[Redis | None]] = web.AppKey("redis")
 _HTTP: Final = web.AppKey("http_session", aiohttp.ClientSession)
+#: The gateway's own outbound calls (JWKS): no cookies, apart from the proxy's pool.
+_OUTBOUND: Final = web.AppKey("outbound_session", aiohttp.ClientSession)
 _READINESS: Final = web.AppKey("readiness", ReadinessChecker)
 _CLOCK: Final[web.AppKey[Callable[[], float]]] = web.AppKey("clock")
 
@@ -67,6 +70,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_policy_engine)
     app.cleanup_ctx.append(_http_session)
+    app.cleanup_ctx.append(_outbound_session)
     app.cleanup_ctx.append(_pipeline)
     app.router.add_get("/health", health)
     app.router.add_get("/_readyz", _readyz)
@@ -126,6 +130,15 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _outbound_session(app: web.Application) -> AsyncIterator[None]:
+    connector = aiohttp.TCPConnector(limit=32, ttl_dns_cache=30)
+    async with aiohttp.ClientSession(
+        connector=connector, cookie_jar=aiohttp.DummyCookieJar()
+    ) as session:
+        app[_OUTBOUND] = session
+        yield
+
+
 async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     proxy = ReverseProxy(
@@ -141,9 +154,13 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
             redis=app[REDIS],
             metrics=app[METRICS],
             clock=app[_CLOCK],
+            http=app[_OUTBOUND],
         )
     )
-    yield
+    try:
+        yield
+    finally:
+        await app[PIPELINE].close()
 
 
 def _opa_binary(policy: PolicyConfig) -> Path:

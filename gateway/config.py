@@ -38,14 +38,19 @@ from typing import Any, Final, Literal
 import yarl
 
 __all__ = [
+    "ASYMMETRIC_ALGORITHMS",
     "CONFIG_VERSION",
     "DEFAULT_CONFIG",
     "DEFAULT_REQUIRED_COMPONENTS",
     "ENV_PREFIX",
+    "HMAC_ALGORITHMS",
+    "ApiKeyConfig",
     "Config",
     "ConfigError",
     "DependenciesConfig",
     "FreshnessConfig",
+    "IdentityConfig",
+    "IssuerConfig",
     "KeyConfig",
     "LoggingConfig",
     "PolicyConfig",
@@ -76,6 +81,17 @@ _FIELD_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 
 #: Covered by default: content-digest only when the request has a body.
 DEFAULT_REQUIRED_COMPONENTS: Final = ("@method", "@target-uri", "content-digest")
+_API_KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_API_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+_SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 scope-token
+
+#: JWT algorithms verified with a public key from the issuer's JWKS.
+ASYMMETRIC_ALGORITHMS: Final = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"}
+)
+#: JWT algorithms verified with a configured shared secret (never from a JWKS).
+HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
+_LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 class ConfigError(ValueError):
@@ -183,6 +199,11 @@ class RouteConfig:
     #: Unsigned requests get 401 missing-signature. When false, unsigned
     #: requests pass as anonymous, but a signature that is present must verify.
     require_signature: bool = True
+    #: Credentials the identity stage demands: "none" (anonymous), "jwt"
+    #: (a bearer token), "api_key", or "jwt_or_api_key". Secure by default.
+    auth: Literal["none", "jwt", "jwt_or_api_key", "api_key"] = "jwt"
+    #: Scopes the credential must all carry (403 insufficient-scope otherwise).
+    scopes: tuple[str, ...] = ()
 
     def validate(self, key: str) -> None:
         _require(
@@ -198,6 +219,148 @@ class RouteConfig:
         _require_http_url(self.upstream, f"{key}.upstream")
         _require(self.timeout_s > 0, f"{key}.timeout_s", "must be > 0")
         _require(self.connect_timeout_s > 0, f"{key}.connect_timeout_s", "must be > 0")
+        for index, scope in enumerate(self.scopes):
+            _require(_SCOPE.fullmatch(scope) is not None, f"{key}.scopes[{index}]", "not a scope")
+        _require(
+            not self.scopes or self.auth != "none",
+            f"{key}.scopes",
+            'an anonymous route (auth = "none") cannot require scopes',
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerConfig:
+    """One trusted JWT issuer: its ``iss``, audiences, keys and claim names."""
+
+    #: The exact ``iss`` claim value.
+    issuer: str
+    #: ``aud`` values accepted from this issuer; a token must name one of them.
+    audiences: tuple[str, ...]
+    #: Where the issuer publishes its JWK Set (https; http only on loopback).
+    jwks_url: str = ""
+    #: A local JWK Set file instead of ``jwks_url`` (air-gapped installs).
+    jwks_file: str = ""
+    #: The allow-list of ``alg`` values; never mixes HS* with asymmetric ones.
+    algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+    #: The HS* shared secret: an environment variable, a file, or (dev only) inline.
+    hs_secret_env: str = ""
+    hs_secret_file: str = ""
+    hs_secret: str = field(default="", repr=False)
+    tenant_claim: str = "tenant"
+    #: A space-separated string or a list of strings.
+    scope_claim: str = "scope"
+    roles_claim: str = "roles"
+    agent_claim: str = "agent_id"
+    #: An unknown ``kid`` refreshes the JWK Set at most once per this many seconds.
+    jwks_min_refresh_s: float = 30.0
+    #: Keys older than this are refreshed in the background (stale ones still serve).
+    jwks_max_age_s: float = 600.0
+    jwks_timeout_s: float = 5.0
+    jwks_max_bytes: int = 65_536
+
+    @property
+    def uses_hmac(self) -> bool:
+        return any(alg in HMAC_ALGORITHMS for alg in self.algorithms)
+
+    def validate(self, key: str) -> None:
+        _require(bool(self.issuer), f"{key}.issuer", "must not be empty")
+        _require(bool(self.audiences), f"{key}.audiences", "must name at least one audience")
+        for index, audience in enumerate(self.audiences):
+            _require(bool(audience), f"{key}.audiences[{index}]", "must not be empty")
+        _require(bool(self.algorithms), f"{key}.algorithms", "must name at least one algorithm")
+        supported = ASYMMETRIC_ALGORITHMS | HMAC_ALGORITHMS
+        for index, alg in enumerate(self.algorithms):
+            _require(
+                alg in supported,
+                f"{key}.algorithms[{index}]",
+                f"unsupported algorithm {alg!r}; use one of {', '.join(sorted(supported))}",
+            )
+        secrets = [n for n in ("hs_secret_env", "hs_secret_file", "hs_secret") if getattr(self, n)]
+        sources = [n for n in ("jwks_url", "jwks_file") if getattr(self, n)]
+        if self.uses_hmac:
+            # SECURITY: one key type per issuer, so no token can make the
+            # gateway read a public key as an HMAC secret (RS/HS confusion).
+            _require(
+                all(alg in HMAC_ALGORITHMS for alg in self.algorithms),
+                f"{key}.algorithms",
+                "must not mix HS* with asymmetric algorithms",
+            )
+            _require(
+                len(secrets) == 1,
+                f"{key}.hs_secret_env",
+                "HS* needs exactly one of hs_secret_env, hs_secret_file, hs_secret",
+            )
+            if sources:
+                raise ConfigError(f"{key}.{sources[0]}", "has no use with HS* algorithms")
+        else:
+            if secrets:
+                raise ConfigError(f"{key}.{secrets[0]}", "is only for HS* algorithms")
+            _require(
+                len(sources) == 1, f"{key}.jwks_url", "needs exactly one of jwks_url, jwks_file"
+            )
+            if self.jwks_url:
+                _require_http_url(self.jwks_url, f"{key}.jwks_url")
+                url = yarl.URL(self.jwks_url)
+                _require(
+                    url.scheme == "https" or url.host in _LOOPBACK_HOSTS,
+                    f"{key}.jwks_url",
+                    "must be https:// (http:// only on a loopback address)",
+                )
+        for name in ("tenant_claim", "scope_claim", "roles_claim", "agent_claim"):
+            _require(bool(getattr(self, name)), f"{key}.{name}", "must not be empty")
+        _require(self.jwks_min_refresh_s > 0, f"{key}.jwks_min_refresh_s", "must be > 0")
+        _require(
+            self.jwks_max_age_s >= self.jwks_min_refresh_s,
+            f"{key}.jwks_max_age_s",
+            "must be >= jwks_min_refresh_s",
+        )
+        _require(self.jwks_timeout_s > 0, f"{key}.jwks_timeout_s", "must be > 0")
+        _require(self.jwks_max_bytes > 0, f"{key}.jwks_max_bytes", "must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    #: Seconds of clock skew allowed on ``exp``, ``nbf`` and ``iat``.
+    leeway_s: float = 30.0
+    issuers: tuple[IssuerConfig, ...] = ()
+
+    def validate(self, key: str) -> None:
+        _require(0 <= self.leeway_s <= 300, f"{key}.leeway_s", "must be between 0 and 300")
+        seen: set[str] = set()
+        for index, issuer in enumerate(self.issuers):
+            issuer.validate(f"{key}.issuers[{index}]")
+            _require(
+                issuer.issuer not in seen, f"{key}.issuers[{index}].issuer", "duplicate issuer"
+            )
+            seen.add(issuer.issuer)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyConfig:
+    """A per-agent API key, presented as ``Authorization: ApiKey <id>.<secret>``."""
+
+    id: str
+    tenant: str
+    #: ``sha256:<hex>`` of the secret part (``python -m gateway.apikeys hash``).
+    hash: str
+    agent_id: str | None = None
+    scopes: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+
+    def validate(self, key: str) -> None:
+        _require(
+            _API_KEY_ID.fullmatch(self.id) is not None,
+            f"{key}.id",
+            "must be 1-64 letters, digits, '_' or '-'",
+        )
+        _require(bool(self.tenant), f"{key}.tenant", "must not be empty")
+        _require(
+            _API_KEY_HASH.fullmatch(self.hash) is not None,
+            f"{key}.hash",
+            "must be sha256:<64 lower-case hex digits>",
+        )
+        for index, scope in enumerate(self.scopes):
+            _require(_SCOPE.fullmatch(scope) is not None, f"{key}.scopes[{index}]", "not a scope")
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +510,8 @@ class Config:
     freshness: FreshnessConfig = field(default_factory=FreshnessConfig)
     routes: tuple[RouteConfig, ...] = ()
     tenants: tuple[TenantConfig, ...] = ()
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    api_keys: tuple[ApiKeyConfig, ...] = ()
 
     def validate(self) -> None:
         _require(
@@ -366,6 +531,12 @@ class Config:
             _require(route.prefix not in prefixes, f"{key}.prefix", "duplicate prefix")
             names.add(route.name)
             prefixes.add(route.prefix)
+        self.identity.validate("identity")
+        key_ids: set[str] = set()
+        for index, api_key in enumerate(self.api_keys):
+            api_key.validate(f"api_keys[{index}]")
+            _require(api_key.id not in key_ids, f"api_keys[{index}].id", "duplicate API key id")
+            key_ids.add(api_key.id)
         self.signature.validate("signature")
         self.freshness.validate("freshness")
         _require(

@@ -5,7 +5,8 @@
 - any path: a JSON echo of the method, path, query, headers and body size;
 - ``.../status/{code}``: answers with that status;
 - ``.../slow/{seconds}``: waits, then echoes (to exercise timeouts);
-- ``.../stream/{chunks}``: a chunked body of that many lines.
+- ``.../stream/{chunks}``: a chunked body of that many lines;
+- ``.../ping``: a two-byte answer (the benchmarks' cheap upstream).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ __all__ = ["create_echo_app", "main"]
 
 async def _echo(request: web.Request) -> web.StreamResponse:
     tail = request.match_info["tail"]
+    if tail.endswith("/ping"):
+        return web.Response(body=b"ok", content_type="text/plain")
     parts = tail.split("/")
     if len(parts) >= 2 and parts[-2] == "slow":
         await asyncio.sleep(float(parts[-1]))

@@ -19,10 +19,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
-from gateway.client import sign_request
+from gateway.client import sign_request, signing_middleware
 from gateway.config import Config, parse_config
 from gateway.echo import create_echo_app
 from gateway.server import GatewayRunner
+from tests.jwtissuer import FakeIssuer
 from tests.services import PostgresService, RedisService
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,10 +237,21 @@ class Signer:
         )
 
 
+@pytest.fixture
+async def jwt_issuer() -> AsyncIterator[FakeIssuer]:
+    """A fake token issuer with one RS256 key, its JWKS served over real HTTP."""
+    issuer = FakeIssuer()
+    issuer.add_key("RS256")
+    await issuer.start()
+    yield issuer
+    await issuer.close()
+
+
 def gateway_config(opa_url: str, upstream_url: str, **sections: Any) -> Config:
     """A config with the three test routes pointing at ``upstream_url``.
 
-    ``echo`` and ``readonly`` accept unsigned (anonymous) requests; ``locked``
+    ``echo`` and ``readonly`` are anonymous (``auth = "none"``) and accept
+    unsigned requests; ``locked`` keeps the default ``auth = "jwt"`` and
     requires a signature. Tenants ``acme`` and ``globex`` hold TEST_SECRETS.
     """
     table: dict[str, Any] = {
@@ -253,19 +265,21 @@ def gateway_config(opa_url: str, upstream_url: str, **sections: Any) -> Config:
                 "upstream": upstream_url,
                 "timeout_s": 1.0,
                 "require_signature": False,
+                "auth": "none",
             },
             {
                 "name": "readonly",
                 "prefix": "/readonly/",
                 "upstream": upstream_url,
                 "require_signature": False,
+                "auth": "none",
             },
             {"name": "locked", "prefix": "/locked/", "upstream": upstream_url},
         ],
         "tenants": TEST_TENANTS,
     }
     for name, values in sections.items():
-        if name in ("routes", "tenants"):
+        if isinstance(values, list):  # arrays of tables: routes, tenants, api_keys
             table[name] = values
         else:
             table.setdefault(name, {}).update(values)
@@ -279,11 +293,17 @@ async def make_gateway(opa: OpaProcess, upstream: TestServer) -> AsyncIterator[G
     upstream_url = str(upstream.make_url("")).rstrip("/")
 
     async def factory(
-        *, clock: Callable[[], float] = time.time, **sections: Any
+        *, clock: Callable[[], float] = time.time, sign_as: str | None = None, **sections: Any
     ) -> TestClient[Any, Any]:
+        """``sign_as`` (a keyid of TEST_SECRETS): the client signs every request with it."""
         config = gateway_config(opa.url, upstream_url, **sections)
+        middlewares = ()
+        if sign_as is not None:
+            signer = signing_middleware(keyid=sign_as, secret=TEST_SECRETS[sign_as], clock=clock)
+            middlewares = (signer,)
         client: TestClient[Any, Any] = TestClient(
-            GatewayTestServer(create_app(config, clock=clock), host="127.0.0.1")
+            GatewayTestServer(create_app(config, clock=clock), host="127.0.0.1"),
+            middlewares=middlewares,
         )
         await client.start_server()
         clients.append(client)

@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.middleware import SECURITY_HEADERS
 from gateway.problem import PROBLEM_CONTENT_TYPE, problem_type
-from tests.conftest import GatewayFactory, OpaProcess, Signer, free_port
+from tests.conftest import GatewayFactory, OpaProcess, free_port
 from tests.problems import assert_problem
 from tests.rawhttp import raw_request
 
@@ -79,28 +79,16 @@ class TestAllowedRequests:
 
 class TestDenials:
     @pytest.mark.parametrize(
-        ("method", "path", "signed", "reasons"),
+        ("method", "path", "reasons"),
         [
-            pytest.param(
-                "DELETE", "/readonly/x", False, ["method_not_allowed"], id="method-not-allowed"
-            ),
-            pytest.param(
-                "GET",
-                "/locked/x",
-                True,
-                ["authentication_required", "missing_scope"],
-                id="locked-signed-no-token",
-            ),
+            pytest.param("DELETE", "/readonly/x", ["method_not_allowed"], id="method-not-allowed"),
         ],
     )
     async def test_policy_denies_with_reasons(
-        self, gateway: Client, method: str, path: str, signed: bool, reasons: list[str]
+        self, gateway: Client, method: str, path: str, reasons: list[str]
     ) -> None:
         """OPA's deny reaches the client as 403 policy-denied with its reasons."""
-        if signed:
-            response = await Signer(gateway).request(method, path)
-        else:
-            response = await gateway.request(method, path)
+        response = await gateway.request(method, path)
         body = await assert_problem(response, 403, "policy-denied", reasons)
         assert len(body["decision_id"]) == 36
 
@@ -260,7 +248,13 @@ class TestFailures:
         dead = f"http://127.0.0.1:{free_port()}"
         client = await make_gateway(
             routes=[
-                {"name": "echo", "prefix": "/echo/", "upstream": dead, "require_signature": False}
+                {
+                    "name": "echo",
+                    "prefix": "/echo/",
+                    "upstream": dead,
+                    "auth": "none",
+                    "require_signature": False,
+                }
             ]
         )
         await assert_problem(await client.get("/echo/x"), 502, "upstream-unavailable")

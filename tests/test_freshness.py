@@ -34,11 +34,9 @@ class TestCreatedWindow:
         """By default created may be 300 s ahead (skew) or 300 s behind (age)."""
         clock = PinnedClock(NOW)
         client = await make_gateway(clock=clock)
-        response = await Signer(client, clock=clock).request(
-            "GET", "/locked/x", created=NOW + offset
-        )
+        response = await Signer(client, clock=clock).request("GET", "/echo/x", created=NOW + offset)
         if reason is None:
-            await assert_problem(response, 403, "policy-denied")  # fresh: reached the policy
+            assert response.status == 200
         else:
             await assert_problem(response, 401, "stale-request", [reason])
 

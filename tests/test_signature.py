@@ -23,6 +23,7 @@ from gateway.httpsig import (
     signature_base,
 )
 from tests.conftest import TEST_SECRETS, GatewayFactory, PinnedClock, Signer
+from tests.jwtissuer import AUDIENCE, FakeIssuer
 from tests.problems import assert_problem
 from tests.rawhttp import raw_request
 
@@ -304,12 +305,14 @@ def signed_echo(**extra: Any) -> dict[str, Any]:
                 "name": "echo",
                 "prefix": "/echo/",
                 "upstream": extra["upstream"],
+                "auth": "none",
                 "require_signature": True,
             },
             {
                 "name": "readonly",
                 "prefix": "/readonly/",
                 "upstream": extra["upstream"],
+                "auth": "none",
                 "require_signature": False,
             },
         ]
@@ -697,18 +700,67 @@ class TestPolicyInput:
         await assert_problem(response, 403, "policy-denied", [reason])
 
 
+class TestSignerAndToken:
+    """The signature proves the tenant; the identity stage binds the token to it."""
+
+    @pytest.mark.parametrize(
+        ("keyid", "status", "code"),
+        [
+            pytest.param("acme-k1", 200, None, id="same-tenant"),
+            pytest.param("globex-k1", 403, "tenant-mismatch", id="other-tenant"),
+        ],
+    )
+    async def test_token_tenant_must_equal_signer(
+        self,
+        make_gateway: GatewayFactory,
+        jwt_issuer: FakeIssuer,
+        keyid: str,
+        status: int,
+        code: str | None,
+    ) -> None:
+        """An acme token on a request signed by globex is refused; signed by acme it passes."""
+        issuer = {
+            "issuer": jwt_issuer.issuer,
+            "audiences": [AUDIENCE],
+            "jwks_url": jwt_issuer.jwks_url,
+        }
+        client = await make_gateway(identity={"issuers": [issuer]})
+        token = jwt_issuer.token()  # tenant acme, scope locked:read
+        response = await Signer(client, keyid).request(
+            "GET", "/locked/x", headers={"Authorization": f"Bearer {token}"}
+        )
+        if code is None:
+            assert response.status == status
+            assert (await response.json())["path"] == "/locked/x"
+        else:
+            await assert_problem(response, status, code, ["tenant_mismatch"])
+
+    async def test_token_without_signature_is_refused_first(
+        self, make_gateway: GatewayFactory, jwt_issuer: FakeIssuer
+    ) -> None:
+        """A valid token alone does not open a route that requires a signature."""
+        issuer = {
+            "issuer": jwt_issuer.issuer,
+            "audiences": [AUDIENCE],
+            "jwks_url": jwt_issuer.jwks_url,
+        }
+        client = await make_gateway(identity={"issuers": [issuer]})
+        response = await client.get(
+            "/locked/x", headers={"Authorization": f"Bearer {jwt_issuer.token()}"}
+        )
+        await assert_problem(response, 401, "missing-signature", ["signature_missing"])
+
+
 class TestClientHelper:
     async def test_signing_middleware_signs_every_request(self, gateway: Client) -> None:
-        """An aiohttp session with the signing middleware passes a signature-only route."""
+        """An aiohttp session with the signing middleware passes signature and freshness."""
         middleware = signing_middleware(keyid="acme-k1", secret=TEST_SECRETS["acme-k1"])
         for _ in range(3):  # a fresh nonce each time
             response = await gateway.get(
                 "/locked/x", json={"hello": "world"}, middlewares=(middleware,)
             )
-            # Signed and fresh: only the policy (no token) says no.
-            await assert_problem(
-                response, 403, "policy-denied", ["authentication_required", "missing_scope"]
-            )
+            # Signed and fresh: only the identity stage (no token) says no.
+            await assert_problem(response, 401, "missing-credentials")
 
     def test_new_secret_is_32_random_bytes(self) -> None:
         """new_secret gives a base64 key of the size the keyring requires."""
