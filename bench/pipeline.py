@@ -39,6 +39,7 @@ name = "echo"
 prefix = "/echo/"
 upstream = "http://127.0.0.1:{upstream_port}"
 auth = "none"
+require_signature = false
 """
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Final
 
@@ -44,10 +44,14 @@ _HTTP: Final = web.AppKey("http_session", aiohttp.ClientSession)
 #: The gateway's own outbound calls (JWKS): no cookies, apart from the proxy's pool.
 _OUTBOUND: Final = web.AppKey("outbound_session", aiohttp.ClientSession)
 _READINESS: Final = web.AppKey("readiness", ReadinessChecker)
+_CLOCK: Final[web.AppKey[Callable[[], float]]] = web.AppKey("clock")
 
 
-def create_app(config: Config) -> web.Application:
-    """Build the gateway application for ``config``; nothing starts until it runs."""
+def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
+    """Build the gateway application for ``config``; nothing starts until it runs.
+
+    ``clock`` (wall-clock seconds) is what the pipeline judges time by; tests pin it.
+    """
     metrics = Metrics()
     app = web.Application(
         middlewares=[
@@ -61,6 +65,7 @@ def create_app(config: Config) -> web.Application:
     )
     app[CONFIG] = config
     app[METRICS] = metrics
+    app[_CLOCK] = clock
     app.on_response_prepare.append(set_security_headers)
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_policy_engine)
@@ -152,7 +157,7 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
             proxy=proxy,
             redis=app[REDIS],
             metrics=app[METRICS],
-            clock=time.time,
+            clock=app[_CLOCK],
             http=app[_OUTBOUND],
         )
     )
