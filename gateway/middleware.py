@@ -41,6 +41,8 @@ SECURITY_HEADERS: Final = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
+    # No product or version disclosure (aiohttp would name itself and Python).
+    "Server": "nops-gateway",
 }
 
 _HTTP_EXCEPTIONS: Final[dict[int, type[GatewayError]]] = {

@@ -110,7 +110,11 @@ async def serve(
         await stop.wait()
         _log.info("shutting down", extra={"grace_s": shutdown_timeout})
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
-        await runner.cleanup()
+        # Signals stay handled while in-flight requests drain: a second
+        # SIGTERM must not cut them off.
+        try:
+            await runner.cleanup()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(sig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 import time
@@ -22,7 +23,7 @@ from gateway.errors import RateLimited
 from gateway.metrics import Metrics
 from gateway.pipeline.ratelimit import Ratelimit
 from gateway.ratelimits import KEY_PREFIX
-from tests.conftest import GatewayFactory
+from tests.conftest import TEST_SECRETS, GatewayFactory, Signer
 from tests.problems import assert_problem
 from tests.services import RedisService
 
@@ -43,6 +44,11 @@ StageFactory = Callable[..., Ratelimit]
 def unique(prefix: str) -> str:
     """An id no other test (or earlier run against the same Redis) has used."""
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def _key_config(keyid: str) -> dict[str, str]:
+    """A tenant key entry with the test secret of ``keyid``."""
+    return {"keyid": keyid, "secret": base64.b64encode(TEST_SECRETS[keyid]).decode()}
 
 
 def unique_ip() -> str:
@@ -158,20 +164,20 @@ class TestConfig:
         [
             pytest.param({"anonymous": "lots"}, "ratelimit.anonymous", "not a rate", id="syntax"),
             pytest.param(
-                {"tiers": {"default": {"tenant": "5/fortnight"}}},
-                "ratelimit.tiers.default.tenant",
+                {"tiers": {"free": {"tenant": "5/fortnight"}}},
+                "ratelimit.tiers.free.tenant",
                 "not a rate",
                 id="granularity",
             ),
             pytest.param(
-                {"tiers": {"default": {"agent": "1/second;9/minute"}}},
-                "ratelimit.tiers.default.agent",
+                {"tiers": {"free": {"agent": "1/second;9/minute"}}},
+                "ratelimit.tiers.free.agent",
                 "not several",
                 id="several",
             ),
             pytest.param(
-                {"tiers": {"default": {"route": "0/minute"}}},
-                "ratelimit.tiers.default.route",
+                {"tiers": {"free": {"route": "0/minute"}}},
+                "ratelimit.tiers.free.route",
                 "at least one",
                 id="zero",
             ),
@@ -216,7 +222,7 @@ class TestTenantQuota:
         self, make_stage: StageFactory, strategy: str
     ) -> None:
         """Tenant A past its quota gets 429 tenant_limit with Retry-After; tenant B is served."""
-        stage = make_stage(strategy=strategy, tiers={"default": {"tenant": "3/hour"}})
+        stage = make_stage(strategy=strategy, tiers={"free": {"tenant": "3/hour"}})
         a, b = unique("acme"), unique("globex")
         for _ in range(3):
             await allowed(stage, make_ctx(a))
@@ -237,7 +243,7 @@ class TestTenantQuota:
 
     async def test_headers_count_down(self, make_stage: StageFactory) -> None:
         """Each allowed request reports one unit less under every quota it took."""
-        stage = make_stage(tiers={"default": {"tenant": "3/hour", "agent": "5/hour"}})
+        stage = make_stage(tiers={"free": {"tenant": "3/hour", "agent": "5/hour"}})
         tenant = unique("acme")
         seen = []
         for _ in range(3):
@@ -254,7 +260,7 @@ class TestTenantQuota:
     async def test_tier_of_the_tenant_applies(self, make_stage: StageFactory) -> None:
         """A tenant's tier picks its limits; a missing or unknown tier is the default tier."""
         stage = make_stage(
-            tiers={"default": {"tenant": "1/hour"}, "gold": {"tenant": "3/hour"}},
+            tiers={"free": {"tenant": "1/hour"}, "gold": {"tenant": "3/hour"}},
         )
         outcomes = {}
         for tier in ("gold", None, "platinum"):
@@ -273,7 +279,7 @@ class TestTenantQuota:
 class TestAgentAndRouteQuotas:
     async def test_agent_quota_is_per_agent(self, make_stage: StageFactory) -> None:
         """One agent past its quota gets agent_limit; another agent of the tenant is served."""
-        stage = make_stage(tiers={"default": {"tenant": "100/hour", "agent": "2/hour"}})
+        stage = make_stage(tiers={"free": {"tenant": "100/hour", "agent": "2/hour"}})
         tenant = unique("acme")
         for _ in range(2):
             await allowed(stage, make_ctx(tenant, agent="a1"))
@@ -282,7 +288,7 @@ class TestAgentAndRouteQuotas:
 
     async def test_agent_quota_only_when_agent_is_known(self, make_stage: StageFactory) -> None:
         """Without an agent id the agent quota is not taken (and not advertised)."""
-        stage = make_stage(tiers={"default": {"tenant": "100/hour", "agent": "1/hour"}})
+        stage = make_stage(tiers={"free": {"tenant": "100/hour", "agent": "1/hour"}})
         tenant = unique("acme")
         for _ in range(3):
             ctx = await allowed(stage, make_ctx(tenant))
@@ -290,7 +296,7 @@ class TestAgentAndRouteQuotas:
 
     async def test_agent_ids_of_two_tenants_do_not_share(self, make_stage: StageFactory) -> None:
         """Agent quotas are keyed by tenant too, even when ids contain the key separator."""
-        stage = make_stage(tiers={"default": {"tenant": "100/hour", "agent": "1/hour"}})
+        stage = make_stage(tiers={"free": {"tenant": "100/hour", "agent": "1/hour"}})
         tenant = unique("acme")
         await allowed(stage, make_ctx(f"{tenant}/x", agent="y"))
         await allowed(stage, make_ctx(tenant, agent="x/y"))
@@ -299,7 +305,7 @@ class TestAgentAndRouteQuotas:
     async def test_route_quota_is_per_tenant_and_route(self, make_stage: StageFactory) -> None:
         """A tier's route limit is per (tenant, route); an override replaces it for one route."""
         stage = make_stage(
-            tiers={"default": {"tenant": "100/hour", "route": "2/hour"}},
+            tiers={"free": {"tenant": "100/hour", "route": "2/hour"}},
             routes={"locked": {"limit": "1/hour"}},
         )
         tenant, other = unique("acme"), unique("globex")
@@ -330,14 +336,14 @@ class TestAgentAndRouteQuotas:
         self, make_stage: StageFactory, tier: dict[str, str], reason: str
     ) -> None:
         """Quotas are checked tenant, then agent, then route; the first one used up answers."""
-        stage = make_stage(tiers={"default": tier})
+        stage = make_stage(tiers={"free": tier})
         tenant = unique("acme")
         await allowed(stage, make_ctx(tenant, agent="a1"))
         assert (await refused(stage, make_ctx(tenant, agent="a1"))).reasons == (reason,)
 
     async def test_refused_request_consumes_no_quota(self, make_stage: StageFactory) -> None:
         """An agent hammering past its own quota does not use up its tenant's quota."""
-        stage = make_stage(tiers={"default": {"tenant": "3/hour", "agent": "1/hour"}})
+        stage = make_stage(tiers={"free": {"tenant": "3/hour", "agent": "1/hour"}})
         tenant = unique("acme")
         await allowed(stage, make_ctx(tenant, agent="noisy"))
         for _ in range(5):
@@ -409,7 +415,7 @@ class TestSharedRedis:
             {
                 "routes": ROUTES,
                 "dependencies": {"redis_url": redis_server.url},
-                "ratelimit": {"storage": "redis", "tiers": {"default": {"tenant": "3/hour"}}},
+                "ratelimit": {"storage": "redis", "tiers": {"free": {"tenant": "3/hour"}}},
             }
         ).ratelimit
         clients = [Redis.from_url(redis_server.url) for _ in range(2)]
@@ -432,7 +438,7 @@ class TestSharedRedis:
         tenant = unique("acme")
         for strategy in STRATEGIES:
             config = parse_config(
-                {"ratelimit": {"strategy": strategy, "tiers": {"default": {"tenant": "2/hour"}}}}
+                {"ratelimit": {"strategy": strategy, "tiers": {"free": {"tenant": "2/hour"}}}}
             )
             stage = Ratelimit.create(config.ratelimit, redis=redis_client, metrics=Metrics())
             for _ in range(2):
@@ -444,7 +450,7 @@ class TestSharedRedis:
 
     async def test_concurrent_requests_never_exceed_the_quota(self, redis_client: Redis) -> None:
         """Many concurrent requests for one tenant: exactly the quota is served."""
-        config = parse_config({"ratelimit": {"tiers": {"default": {"tenant": "10/hour"}}}})
+        config = parse_config({"ratelimit": {"tiers": {"free": {"tenant": "10/hour"}}}})
         stages = [
             Ratelimit.create(config.ratelimit, redis=redis_client, metrics=Metrics())
             for _ in range(3)
@@ -472,7 +478,7 @@ class TestRedisDown:
         """Redis down: limits hold per node in memory, degraded is flagged once; back: shared."""
         metrics = Metrics()
         config = parse_config(
-            {"ratelimit": {"fallback_retry_s": 0.2, "tiers": {"default": {"tenant": "2/hour"}}}}
+            {"ratelimit": {"fallback_retry_s": 0.2, "tiers": {"free": {"tenant": "2/hour"}}}}
         ).ratelimit
         stage = Ratelimit.create(config, redis=redis_client, metrics=metrics)
         tenant = unique("acme")
@@ -544,6 +550,36 @@ class TestThroughTheGateway:
         assert metrics.denial_reasons[("ratelimit", "anonymous_limit")] == 1
         assert metrics.denials[("ratelimit", "rate-limited")] == 1
 
+    async def test_signed_burst_on_one_tenant_spares_another(
+        self, make_gateway: GatewayFactory, redis_server: RedisService
+    ) -> None:
+        """Signed requests: tenant A past its tier's quota gets 429 on Redis; tenant B is served."""
+        a, b = unique("acme"), unique("globex")
+        tenants = [
+            {"id": a, "tier": "professional", "keys": [_key_config("acme-k1")]},
+            {"id": b, "tier": "free", "keys": [_key_config("globex-k1")]},
+        ]
+        client = await make_gateway(
+            tenants=tenants,
+            dependencies={"redis_url": redis_server.url},
+            ratelimit={
+                "anonymous": "1/hour",
+                "tiers": {"free": {"tenant": "5/hour"}, "professional": {"tenant": "2/hour"}},
+            },
+        )
+        acme, globex = Signer(client, keyid="acme-k1"), Signer(client, keyid="globex-k1")
+        for remaining in (1, 0):
+            response = await acme.request("GET", "/echo/x")
+            assert response.status == 200
+            assert response.headers["RateLimit-Policy"] == '"tenant";q=2;w=3600'
+            assert parse_field(response.headers["RateLimit"])["tenant"]["r"] == remaining
+        response = await acme.request("GET", "/echo/x")
+        body = await assert_problem(response, 429, "rate-limited", ["tenant_limit"])
+        assert body["retry_after"] == int(response.headers["Retry-After"]) > 0
+        response = await globex.request("GET", "/echo/x")
+        assert response.status == 200
+        assert parse_field(response.headers["RateLimit"]) == {"tenant": {"r": 4, "t": 3600}}
+
     async def test_two_gateways_share_redis(
         self, make_gateway: GatewayFactory, sections: dict[str, Any], redis_server: RedisService
     ) -> None:
@@ -585,7 +621,16 @@ class TestThroughTheGateway:
         async with TestServer(app, host="127.0.0.1") as upstream:
             url = str(upstream.make_url("")).rstrip("/")
             client = await make_gateway(
-                **sections, routes=[{"name": "echo", "prefix": "/echo/", "upstream": url}]
+                **sections,
+                routes=[
+                    {
+                        "name": "echo",
+                        "prefix": "/echo/",
+                        "upstream": url,
+                        "auth": "none",
+                        "require_signature": False,
+                    }
+                ],
             )
             response = await self.get(client, unique_ip())
             assert response.status == 200
