@@ -4,6 +4,12 @@ When no OPA address is configured, the gateway starts ``opa run --server`` on
 a free loopback port, loaded from the policy directory with ``--watch`` (a
 changed policy takes effect without a restart), and restarts it with backoff
 if it ever exits. While it is down, decisions fail closed (503).
+
+Given a :class:`LocalBundle`, it loads that signed bundle file instead, with
+``--bundle --verification-key``: OPA refuses to start on a bundle whose
+signature does not verify, and (watching the file) refuses a replacement that
+does not verify while it keeps serving the last good one. Decisions then carry
+the bundle's revision.
 """
 
 from __future__ import annotations
@@ -12,12 +18,13 @@ import asyncio
 import contextlib
 import logging
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import aiohttp
 
-__all__ = ["LocalOpa", "LocalOpaError"]
+__all__ = ["LocalBundle", "LocalOpa", "LocalOpaError"]
 
 _log = logging.getLogger("gateway.opa")
 
@@ -29,12 +36,42 @@ class LocalOpaError(RuntimeError):
     """The local OPA could not be started."""
 
 
+@dataclass(frozen=True, slots=True)
+class LocalBundle:
+    """A signed bundle file and what verifies it."""
+
+    file: Path
+    verification_key_file: Path
+    key_id: str = "nops-bundle"
+    signing_alg: str = "ES256"
+
+    def args(self) -> list[str]:
+        return [
+            "--bundle",
+            "--verification-key",
+            str(self.verification_key_file),
+            "--verification-key-id",
+            self.key_id,
+            "--signing-alg",
+            self.signing_alg,
+            str(self.file),
+        ]
+
+
 class LocalOpa:
     """A supervised ``opa run --server`` child process."""
 
-    def __init__(self, binary: Path, policy_dir: Path, *, port: int | None = None) -> None:
+    def __init__(
+        self,
+        binary: Path,
+        policy_dir: Path,
+        *,
+        port: int | None = None,
+        bundle: LocalBundle | None = None,
+    ) -> None:
         self.binary = binary
         self.policy_dir = policy_dir
+        self.bundle = bundle
         self.port = port or _free_port()
         self._process: asyncio.subprocess.Process | None = None
         self._monitor: asyncio.Task[None] | None = None
@@ -49,7 +86,11 @@ class LocalOpa:
             raise LocalOpaError(
                 f"OPA binary not found at {self.binary}; run scripts/tools or set policy.url"
             )
-        if not self.policy_dir.is_dir():
+        if self.bundle is not None:
+            for path in (self.bundle.file, self.bundle.verification_key_file):
+                if not path.is_file():
+                    raise LocalOpaError(f"bundle file not found: {path}")
+        elif not self.policy_dir.is_dir():
             raise LocalOpaError(f"policy directory not found: {self.policy_dir}")
         await self._spawn()
         self._monitor = asyncio.create_task(self._supervise(), name="opa-supervisor")
@@ -73,7 +114,7 @@ class LocalOpa:
             "--skip-version-check",
             "--log-level",
             "error",
-            str(self.policy_dir),
+            *(self.bundle.args() if self.bundle is not None else [str(self.policy_dir)]),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
         )
