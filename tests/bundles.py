@@ -18,13 +18,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import POLICY_DIR, ROOT, TOOLS_BIN
 
 __all__ = [
     "KeyPair",
     "build_bundle",
+    "bundle_fixture",
     "copy_policies",
+    "deny_echo_get",
+    "keys_fixture",
     "manifest",
+    "other_keys_fixture",
     "rewrite_bundle",
     "wait_healthy",
 ]
@@ -91,6 +97,32 @@ def rewrite_bundle(src: Path, dst: Path, change: Callable[[str, bytes], bytes | 
             if data is not None:
                 member.size = len(data)
                 tout.addfile(member, io.BytesIO(data))
+
+
+def deny_echo_get(policies: Path) -> None:
+    """Edit a policy copy so that GET on the echo route is no longer allowed."""
+    routes = policies / "nops" / "routes" / "data.json"
+    routes.write_text(routes.read_text().replace('"GET", "HEAD", "POST"', '"POST"', 1))
+
+
+@pytest.fixture(scope="module", name="keys")
+def keys_fixture(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
+    """A throwaway signing key pair for the module."""
+    return KeyPair(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module", name="other_keys")
+def other_keys_fixture(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
+    """A second key pair, which the verifying OPA does not trust."""
+    return KeyPair(tmp_path_factory.mktemp("other-keys"))
+
+
+@pytest.fixture(scope="module", name="bundle")
+def bundle_fixture(tmp_path_factory: pytest.TempPathFactory, keys: KeyPair) -> Path:
+    """The repository's policies, built and signed once for the module."""
+    path = tmp_path_factory.mktemp("bundle") / "bundle.tar.gz"
+    build_bundle(path, keys)
+    return path
 
 
 def copy_policies(directory: Path) -> Path:

@@ -19,11 +19,15 @@ from aiohttp.test_utils import TestServer
 from gateway.policy.opa import OpaEngine
 from gateway.policy.stack import POLICY_STACK
 from gateway.policy.supervisor import LocalBundle, LocalOpa, LocalOpaError
-from tests.bundles import (
+from tests.bundles import (  # noqa: F401 - the *_fixture names are fixtures
     KeyPair,
     build_bundle,
+    bundle_fixture,
     copy_policies,
+    deny_echo_get,
+    keys_fixture,
     manifest,
+    other_keys_fixture,
     rewrite_bundle,
     wait_healthy,
 )
@@ -40,30 +44,6 @@ ECHO_GET = {
     "target": {"kind": "upstream", "destination": "echo", "classification": None},
     "source": {"ip": "127.0.0.1"},
 }
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
-    return KeyPair(tmp_path_factory.mktemp("keys"))
-
-
-@pytest.fixture(scope="module")
-def other_keys(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
-    return KeyPair(tmp_path_factory.mktemp("other-keys"))
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory, keys: KeyPair) -> Path:
-    """The repository's policies, built and signed once for the module."""
-    path = tmp_path_factory.mktemp("bundle") / "bundle.tar.gz"
-    build_bundle(path, keys)
-    return path
-
-
-def deny_echo_get(policies: Path) -> None:
-    """Edit a policy copy so that GET on the echo route is no longer allowed."""
-    routes = policies / "nops" / "routes" / "data.json"
-    routes.write_text(routes.read_text().replace('"GET", "HEAD", "POST"', '"POST"', 1))
 
 
 class TestBuildBundle:
