@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import web
 from redis.asyncio import Redis
 
+from gateway.admin import register_admin_routes
 from gateway.config import Config, PolicyConfig
 from gateway.context import REQUEST_CONTEXT
 from gateway.health import ReadinessChecker, health
@@ -65,6 +66,8 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_pipeline)
     app.router.add_get("/health", health)
     app.router.add_get("/_readyz", _readyz)
+    # The admin plane: explicit routes, before the catch-all, outside the pipeline.
+    register_admin_routes(app, config, metrics)
     app.router.add_route("*", "/{tail:.*}", _proxy)
     return app
 

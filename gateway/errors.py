@@ -10,6 +10,8 @@ turned into RFC 9457 problem+json only at the HTTP edge
      ├── NoRoute                   404 no-route
      ├── MethodNotAllowed          405 method-not-allowed
      ├── PayloadTooLarge           413 payload-too-large
+     ├── AdminUnauthenticated      401 admin-unauthenticated
+     ├── AdminForbidden            403 admin-forbidden
      ├── PolicyDenied              403 policy-denied        (carries reasons)
      ├── PolicyUnavailable         503 policy-unavailable
      ├── DependencyUnavailable     503 dependency-unavailable
@@ -27,6 +29,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 __all__ = [
+    "AdminForbidden",
+    "AdminUnauthenticated",
     "DependencyUnavailable",
     "GatewayError",
     "InternalError",
@@ -85,6 +89,18 @@ class PayloadTooLarge(GatewayError):
     code = "payload-too-large"
     status = 413
     title = "Request body too large"
+
+
+class AdminUnauthenticated(GatewayError):
+    code = "admin-unauthenticated"
+    status = 401
+    title = "Admin API key missing or invalid"
+
+
+class AdminForbidden(GatewayError):
+    code = "admin-forbidden"
+    status = 403
+    title = "The admin role does not permit this action"
 
 
 class PolicyDenied(GatewayError):

@@ -96,6 +96,19 @@ class OpaEngine:
             }
         )
 
+    async def data(self, path: str) -> Any:
+        """The document at ``data/<path>`` (None when undefined)."""
+        if not self._started:
+            await self.start()
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                answer: dict[str, Any] = await self._client.get_data(path)
+        except PolicyNotFoundError:
+            return None
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise PolicyEngineError(type(exc).__name__) from None
+        return answer.get("result")
+
     async def healthy(self) -> bool:
         if not self._started:
             await self.start()
