@@ -1,8 +1,9 @@
 """The aiohttp application factory.
 
 Resources are created and closed in ``cleanup_ctx`` (in order: the policy
-engine, the upstream client session, the pipeline), so a graceful shutdown
-lets in-flight requests finish before anything they use is closed.
+engine, the upstream client session, the gateway's own outbound session, the
+pipeline), so a graceful shutdown lets in-flight requests finish before
+anything they use is closed.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Final
 
@@ -41,11 +42,17 @@ METRICS: Final = web.AppKey("metrics", Metrics)
 #: The shared Redis client, or None on a single node without Redis.
 REDIS: Final[web.AppKey[Redis | None]] = web.AppKey("redis")
 _HTTP: Final = web.AppKey("http_session", aiohttp.ClientSession)
+#: The gateway's own outbound calls (JWKS): no cookies, apart from the proxy's pool.
+_OUTBOUND: Final = web.AppKey("outbound_session", aiohttp.ClientSession)
 _READINESS: Final = web.AppKey("readiness", ReadinessChecker)
+_CLOCK: Final[web.AppKey[Callable[[], float]]] = web.AppKey("clock")
 
 
-def create_app(config: Config) -> web.Application:
-    """Build the gateway application for ``config``; nothing starts until it runs."""
+def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
+    """Build the gateway application for ``config``; nothing starts until it runs.
+
+    ``clock`` (wall-clock seconds) is what the pipeline judges time by; tests pin it.
+    """
     metrics = Metrics()
     app = web.Application(
         middlewares=[
@@ -59,10 +66,12 @@ def create_app(config: Config) -> web.Application:
     )
     app[CONFIG] = config
     app[METRICS] = metrics
+    app[_CLOCK] = clock
     app.on_response_prepare.append(set_security_headers)
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_policy_engine)
     app.cleanup_ctx.append(_http_session)
+    app.cleanup_ctx.append(_outbound_session)
     app.cleanup_ctx.append(_pipeline)
     app.router.add_get("/health", health)
     app.router.add_get("/_readyz", _readyz)
@@ -122,8 +131,21 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
 
 async def _http_session(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=1000, limit_per_host=256, ttl_dns_cache=30)
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+    # SECURITY: no cookie jar; a shared jar would replay one client's upstream
+    # cookies on another client's requests.
+    async with aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+    ) as session:
         app[_HTTP] = session
+        yield
+
+
+async def _outbound_session(app: web.Application) -> AsyncIterator[None]:
+    connector = aiohttp.TCPConnector(limit=32, ttl_dns_cache=30)
+    async with aiohttp.ClientSession(
+        connector=connector, cookie_jar=aiohttp.DummyCookieJar()
+    ) as session:
+        app[_OUTBOUND] = session
         yield
 
 
@@ -141,10 +163,14 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
             proxy=proxy,
             redis=app[REDIS],
             metrics=app[METRICS],
-            clock=time.time,
+            clock=app[_CLOCK],
+            http=app[_OUTBOUND],
         )
     )
-    yield
+    try:
+        yield
+    finally:
+        await app[PIPELINE].close()
 
 
 def _bundle(policy: PolicyConfig) -> LocalBundle | None:
