@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from tests.conftest import (
     OPA_BINARY,
     POLICY_DIR,
     TEST_POLICY_DIR,
+    TEST_SECRETS,
     GatewayFactory,
     OpaProcess,
     free_port,
@@ -183,13 +185,23 @@ class TestAdminApi:
             "permissions": ["cache:flush", "policy:read", "self:read", "tenants:read"],
         }
 
-    async def test_keys_never_show_hashes(self, make_gateway: GatewayFactory) -> None:
-        """The key list has ids and roles only."""
-        client = await admin_gateway(make_gateway)
+    async def test_keys_never_show_secrets_or_hashes(self, make_gateway: GatewayFactory) -> None:
+        """Admin, tenant and API keys are listed by id and owner; no secret or hash appears."""
+        api_key = {"id": "agent-1", "tenant": "acme", "hash": hash_secret("s" * 32)}
+        client = await admin_gateway(make_gateway, api_keys=[api_key])
         response = await client.get("/_admin/keys", headers=bearer("ADMIN"))
         text = await response.text()
-        assert "sha256" not in text
-        assert {"id": "viewer", "role": "VIEWER"} in (await response.json())["admin_keys"]
+        body = await response.json()
+        for secret in TEST_SECRETS.values():
+            assert base64.b64encode(secret).decode() not in text
+        for admin_secret in SECRETS.values():
+            assert admin_secret not in text
+        assert "sha256:" not in text  # no configured hash (alg "hmac-sha256" is fine)
+        assert {"id": "viewer", "role": "VIEWER"} in body["admin_keys"]
+        assert [k["keyid"] for k in body["tenant_keys"]] == ["acme-k1", "acme-k0", "globex-k1"]
+        assert body["api_keys"] == [
+            {"id": "agent-1", "tenant": "acme", "agent_id": None, "scopes": [], "roles": []}
+        ]
 
     async def test_policy_status_and_tenants(self, make_gateway: GatewayFactory) -> None:
         """Policy status reports OPA, cache and shadow; tenants come from the policy data."""
@@ -205,7 +217,15 @@ class TestAdminApi:
             "disagreements": [],
         }
         tenants = await (await client.get("/_admin/tenants", headers=bearer("VIEWER"))).json()
-        assert {"id": "acme", "egress_ceiling": "D3"} in tenants["tenants"]
+        assert tenants["policy_data"] == "ok"
+        assert tenants["tenants"][0] == {
+            "id": "acme",
+            "configured": True,
+            "tier": "professional",
+            "keyids": ["acme-k1", "acme-k0"],
+            "egress_ceiling": "D3",
+        }
+        assert [t["id"] for t in tenants["tenants"]] == ["acme", "globex"]
 
     async def test_operator_flushes_the_cache(
         self, make_gateway: GatewayFactory, bundle: Path, keys: KeyPair
@@ -282,7 +302,11 @@ class TestAdminWithoutOpa:
             "revision": None,
         }
         tenants = await (await client.get("/_admin/tenants", headers=bearer("VIEWER"))).json()
-        assert tenants == {"tenants": [], "policy_data": "unavailable"}
+        assert tenants["policy_data"] == "unavailable"
+        assert [(t["id"], t["egress_ceiling"]) for t in tenants["tenants"]] == [
+            ("acme", None),
+            ("globex", None),
+        ]
         flush = await client.post("/_admin/policy/cache/flush", headers=bearer("OPERATOR"))
         assert flush.status == 200
         await assert_problem(

@@ -125,19 +125,28 @@ class _Admin:
         }
 
     async def tenants(self, request: web.Request, principal: AdminPrincipal) -> Any:
+        """Configured tenants (always); egress ceilings from the policy data, if OPA answers."""
         stack = request.app[POLICY_STACK]
         try:
             data = await stack.opa.data("nops/tenants")
+            policy_data = "ok"
         except PolicyEngineError:
-            return {"tenants": [], "policy_data": "unavailable"}
-        tenants = data if isinstance(data, dict) else {}
-        return {
-            "tenants": [
-                {"id": tenant_id, "egress_ceiling": _field(entry, "egress_ceiling")}
-                for tenant_id, entry in sorted(tenants.items())
-            ],
-            "policy_data": "ok",
-        }
+            data, policy_data = None, "unavailable"
+        in_policy = data if isinstance(data, dict) else {}
+        configured = {tenant.id: tenant for tenant in self._config.tenants}
+        tenants = []
+        for tenant_id in sorted(configured.keys() | in_policy.keys()):
+            tenant = configured.get(tenant_id)
+            tenants.append(
+                {
+                    "id": tenant_id,
+                    "configured": tenant is not None,
+                    "tier": tenant.tier if tenant else None,
+                    "keyids": [k.keyid for k in tenant.keys] if tenant else [],
+                    "egress_ceiling": _field(in_policy.get(tenant_id), "egress_ceiling"),
+                }
+            )
+        return {"tenants": tenants, "policy_data": policy_data}
 
     async def flush_cache(self, request: web.Request, principal: AdminPrincipal) -> Any:
         cache = request.app[POLICY_STACK].cache
@@ -147,8 +156,32 @@ class _Admin:
         return {"flushed": dropped, "cache": "enabled"}
 
     async def keys(self, request: web.Request, principal: AdminPrincipal) -> Any:
-        # SECURITY: ids and roles only; never the configured hash.
-        return {"admin_keys": [{"id": k.id, "role": k.role} for k in self._config.admin.keys]}
+        # SECURITY: ids, owners and validity only; never a secret, hash or where one lives.
+        config = self._config
+        return {
+            "admin_keys": [{"id": k.id, "role": k.role} for k in config.admin.keys],
+            "tenant_keys": [
+                {
+                    "tenant": tenant.id,
+                    "keyid": key.keyid,
+                    "alg": key.alg,
+                    "not_before": key.not_before or None,
+                    "not_after": key.not_after or None,
+                }
+                for tenant in config.tenants
+                for key in tenant.keys
+            ],
+            "api_keys": [
+                {
+                    "id": key.id,
+                    "tenant": key.tenant,
+                    "agent_id": key.agent_id,
+                    "scopes": list(key.scopes),
+                    "roles": list(key.roles),
+                }
+                for key in config.api_keys
+            ],
+        }
 
     async def rbac_table(self, request: web.Request, principal: AdminPrincipal) -> Any:
         return {
