@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import rfc8785
 from aiohttp.test_utils import TestClient
 
 from gateway.app import METRICS
 from gateway.config import PolicyCacheConfig
 from gateway.metrics import Metrics
-from gateway.policy.cache import CachingEngine, DecisionCache, cache_key
+from gateway.policy.cache import CachingEngine, DecisionCache, cache_key, canonical_json
 from gateway.policy.engine import Decision, PolicyEngineError
 from gateway.policy.opa import OpaEngine
 from gateway.policy.result import REASON_UNDEFINED
@@ -58,6 +59,30 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+class TestCanonicalJson:
+    @pytest.mark.parametrize(
+        "value",
+        [
+            pytest.param(ECHO_GET, id="policy-input"),
+            pytest.param({"b": 1, "a": [True, False, None, -5, ""]}, id="order-and-scalars"),
+            pytest.param({"s": '\x00\x1f\x7f"\\\b\f\n\r\t\u2028'}, id="escapes"),
+            pytest.param({"é": "ü€😀", "z": {"ß": "日本"}}, id="unicode"),
+            pytest.param({"\ue000": 1, "😀": 2}, id="keys-where-utf16-order-differs"),
+            pytest.param({"n": 2**53 - 1, "m": -(2**53 - 1)}, id="safe-integers"),
+            pytest.param({"f": 1.5, "g": 1e21, "h": 0.1}, id="floats"),
+            pytest.param([{"q": {"a": ["1", "2"]}}], id="nested"),
+        ],
+    )
+    def test_matches_rfc8785(self, value: Any) -> None:
+        """The fast path writes exactly the bytes of the rfc8785 reference."""
+        assert canonical_json(value) == rfc8785.dumps(value)
+
+    def test_unsafe_integers_are_refused_like_rfc8785(self) -> None:
+        """An integer beyond 2**53 is not canonical JSON: no key, no caching."""
+        with pytest.raises(rfc8785.IntegerDomainError):
+            canonical_json({"n": 2**53})
 
 
 class TestCacheKey:

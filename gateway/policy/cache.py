@@ -3,7 +3,8 @@
 :class:`CachingEngine` wraps the enforcing engine. Its key is the SHA-256 of
 the RFC 8785 canonical JSON of the whole input document (less any
 ``key_exclude`` paths), the decision path and the policy and data revision
-OPA reported. Correct by construction:
+OPA reported (the canonical form is computed once per request). Correct by
+construction:
 
 - A decision is cached only under the revision that OPA reported *with it*
   (the ``provenance`` of the very answer). An answer without a revision (OPA
@@ -35,6 +36,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+import orjson
 import rfc8785
 
 from gateway.config import PolicyCacheConfig
@@ -42,7 +44,7 @@ from gateway.metrics import Metrics
 from gateway.policy.engine import Decision, PolicyEngine, PolicyEngineError
 from gateway.policy.result import REASON_ILL_TYPED, REASON_UNDEFINED
 
-__all__ = ["CacheStats", "CachingEngine", "DecisionCache", "cache_key"]
+__all__ = ["CacheStats", "CachingEngine", "DecisionCache", "cache_key", "canonical_json"]
 
 _log = logging.getLogger("gateway.policy.cache")
 
@@ -53,16 +55,62 @@ _UNCACHEABLE_REASONS: Final = frozenset({REASON_UNDEFINED, REASON_ILL_TYPED})
 RevisionProbe = Callable[[], Awaitable[str]]
 
 
+def canonical_json(value: Any) -> bytes:
+    """RFC 8785 (JCS) canonical JSON of ``value``.
+
+    The policy input is made of strings, integers, booleans, nulls, lists and
+    objects with short keys. For such values orjson with sorted keys writes
+    exactly the RFC 8785 bytes (same escapes, raw UTF-8, code-point order
+    equals UTF-16 order below U+E000) at ~2 µs instead of ~100 µs for the pure
+    Python ``rfc8785``; anything else (floats, huge integers, exotic keys)
+    takes ``rfc8785``. A test holds the two to the same bytes.
+    """
+    if _plain(value):
+        try:
+            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:
+            pass  # lone surrogates and the like: let rfc8785 decide
+    return rfc8785.dumps(value)
+
+
+_MAX_SAFE_INT: Final = 2**53 - 1
+
+
+def _plain(value: Any) -> bool:
+    """True when ``value`` holds only JSON types orjson writes the RFC 8785 way."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is str or kind is bool or item is None:
+            continue
+        if kind is int:
+            if not -_MAX_SAFE_INT <= item <= _MAX_SAFE_INT:
+                return False
+        elif kind is dict:
+            for key in item:
+                if type(key) is not str or (key and max(key) >= "\ue000"):
+                    return False
+            stack.extend(item.values())
+        elif kind is list or kind is tuple:
+            stack.extend(item)
+        else:
+            return False  # floats, mapping proxies, anything else: the reference path
+    return True
+
+
 def cache_key(
     document: Mapping[str, Any], *, revision: str, scope: str, exclude: tuple[str, ...] = ()
 ) -> str:
-    """SHA-256 hex of the canonical (RFC 8785) input, scope and revision."""
-    payload: dict[str, Any] = {
-        "input": _without(document, exclude),
-        "revision": revision,
-        "scope": scope,
-    }
-    return hashlib.sha256(rfc8785.dumps(payload)).hexdigest()
+    """SHA-256 hex of the decision path, the revision and the canonical input."""
+    return _key(canonical_json(_without(document, exclude)), revision=revision, scope=scope)
+
+
+def _key(canonical_input: bytes, *, revision: str, scope: str) -> str:
+    # The JSON array is self-delimiting, so no two (scope, revision, input) collide.
+    digest = hashlib.sha256(canonical_json([scope, revision]))
+    digest.update(canonical_input)
+    return digest.hexdigest()
 
 
 def _without(document: Mapping[str, Any], paths: tuple[str, ...]) -> Mapping[str, Any]:
@@ -209,7 +257,8 @@ class CachingEngine:
         tenant = _tenant_of(document)
         if self._cache and self._probe is not None:
             await self._check_revision()
-        key = self._key(document, self.revision) if self.revision else None
+        canonical = self._canonical(document)
+        key = self._key(canonical, self.revision) if self.revision else None
         if key is not None:
             cached = self._cache.get(tenant, key)
             if cached is not None:
@@ -222,7 +271,7 @@ class CachingEngine:
         self._observe(decision.revision, epoch)
         # A decision is stored only under the revision OPA reported with it.
         store = (
-            self._key(document, decision.revision)
+            self._key(canonical, decision.revision)
             if decision.revision
             and decision.revision == self.revision
             and not _UNCACHEABLE_REASONS.intersection(decision.reasons)
@@ -264,13 +313,16 @@ class CachingEngine:
     async def close(self) -> None:
         await self._inner.close()
 
-    def _key(self, document: Mapping[str, Any], revision: str) -> str | None:
+    def _canonical(self, document: Mapping[str, Any]) -> bytes | None:
         try:
-            return cache_key(
-                document, revision=revision, scope=self._scope, exclude=self._config.key_exclude
-            )
+            return canonical_json(_without(document, self._config.key_exclude))
         except (TypeError, ValueError):  # rfc8785.CanonicalizationError is a ValueError
             return None  # not canonical JSON (a float NaN, a huge integer): ask every time
+
+    def _key(self, canonical: bytes | None, revision: str) -> str | None:
+        if canonical is None:
+            return None
+        return _key(canonical, revision=revision, scope=self._scope)
 
     def _observe(self, revision: str, epoch: int) -> None:
         """Learn the revision from an answer to a request that started in ``epoch``."""
