@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+import limits
 import yarl
 
 __all__ = [
@@ -58,7 +59,10 @@ __all__ = [
     "PolicyCacheConfig",
     "PolicyConfig",
     "PolicyShadowConfig",
+    "RateLimitConfig",
+    "RateLimitTierConfig",
     "RouteConfig",
+    "RouteRateLimitConfig",
     "ServerConfig",
     "SignatureConfig",
     "TenantConfig",
@@ -260,6 +264,68 @@ class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: One canonical JSON line per request.
     access_log: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitTierConfig:
+    """Limits for the tenants of one tier; an empty string means no limit at that level."""
+
+    #: Per tenant, across all its agents and routes.
+    tenant: str = "1000/minute"
+    #: Per agent of a tenant, when an earlier stage named the agent.
+    agent: str = "100/second"
+    #: Per tenant and route, for every route without its own ``[ratelimit.routes.<route>]``.
+    route: str = ""
+
+    def validate(self, key: str) -> None:
+        for name in ("tenant", "agent", "route"):
+            _require_rate_limit(getattr(self, name), f"{key}.{name}")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRateLimitConfig:
+    #: Per tenant on this route, whatever the tenant's tier.
+    limit: str
+
+    def validate(self, key: str) -> None:
+        _require(bool(self.limit), f"{key}.limit", "must not be empty")
+        _require_rate_limit(self.limit, f"{key}.limit")
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """The ``ratelimit`` stage; each limit is a ``limits`` string such as ``"100/minute"``."""
+
+    enabled: bool = True
+    strategy: Literal["sliding-window-counter", "moving-window", "fixed-window"] = (
+        "sliding-window-counter"
+    )
+    #: ``auto``: Redis (shared by every node) when ``dependencies.redis_url`` is set, else memory.
+    storage: Literal["auto", "memory", "redis"] = "auto"
+    #: Per client IP (IPv6 per /64) for requests no earlier stage attributed to a tenant.
+    anonymous: str = "100/minute"
+    #: The tier of tenants that name none, or a tier not defined here.
+    default_tier: str = "free"
+    tiers: dict[str, RateLimitTierConfig] = field(
+        default_factory=lambda: {"free": RateLimitTierConfig()}
+    )
+    #: Per-route overrides of the tier's ``route`` limit, keyed by route name.
+    routes: dict[str, RouteRateLimitConfig] = field(default_factory=dict)
+    #: Seconds between attempts to go back to Redis after it failed (memory meanwhile).
+    fallback_retry_s: float = 5.0
+
+    def validate(self, key: str) -> None:
+        _require_rate_limit(self.anonymous, f"{key}.anonymous")
+        for name, tier in self.tiers.items():
+            tier.validate(f"{key}.tiers.{name}")
+        _require(
+            self.default_tier in self.tiers,
+            f"{key}.default_tier",
+            f"tier {self.default_tier!r} is not defined under [{key}.tiers]",
+        )
+        for name, route in self.routes.items():
+            route.validate(f"{key}.routes.{name}")
+        _require(self.fallback_retry_s > 0, f"{key}.fallback_retry_s", "must be > 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -633,6 +699,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     signature: SignatureConfig = field(default_factory=SignatureConfig)
     freshness: FreshnessConfig = field(default_factory=FreshnessConfig)
+    ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     routes: tuple[RouteConfig, ...] = ()
     tenants: tuple[TenantConfig, ...] = ()
     identity: IdentityConfig = field(default_factory=IdentityConfig)
@@ -670,6 +737,14 @@ class Config:
             self.freshness.nonce_store != "redis" or bool(self.dependencies.redis_url),
             "freshness.nonce_store",
             "redis needs dependencies.redis_url",
+        )
+        self.ratelimit.validate("ratelimit")
+        for name in self.ratelimit.routes:
+            _require(name in names, f"ratelimit.routes.{name}", f"no route is named {name!r}")
+        _require(
+            self.ratelimit.storage != "redis" or bool(self.dependencies.redis_url),
+            "ratelimit.storage",
+            "'redis' needs dependencies.redis_url",
         )
         self._validate_tenants()
 
@@ -817,6 +892,18 @@ def _require_decision_path(value: str, key: str) -> None:
         key,
         "must be a slash-separated Rego reference such as nops/authz/decision",
     )
+
+
+def _require_rate_limit(value: str, key: str) -> None:
+    """Empty (no limit) or exactly one ``limits`` rate such as ``100/minute``."""
+    if not value:
+        return
+    try:
+        items = limits.parse_many(value)
+    except ValueError:
+        raise ConfigError(key, f"{value!r} is not a rate limit such as '100/minute'") from None
+    _require(len(items) == 1, key, "must be one rate limit such as '100/minute', not several")
+    _require(items[0].amount > 0, key, "must allow at least one request per window")
 
 
 def _rfc3339(value: str, key: str) -> datetime.datetime | None:

@@ -19,6 +19,7 @@ turned into RFC 9457 problem+json only at the HTTP edge
      ├── PayloadTooLarge           413 payload-too-large
      ├── AdminUnauthenticated      401 admin-unauthenticated
      ├── AdminForbidden            403 admin-forbidden
+     ├── RateLimited               429 rate-limited         (carries reasons, retry_after)
      ├── InsufficientScope         403 insufficient-scope   (carries reasons)
      ├── TenantMismatch            403 tenant-mismatch
      ├── PolicyDenied              403 policy-denied        (carries reasons)
@@ -55,6 +56,7 @@ __all__ = [
     "PayloadTooLarge",
     "PolicyDenied",
     "PolicyUnavailable",
+    "RateLimited",
     "ReplayedNonce",
     "StaleRequest",
     "TenantMismatch",
@@ -179,6 +181,14 @@ class AdminForbidden(GatewayError):
     code = "admin-forbidden"
     status = 403
     title = "The admin role does not permit this action"
+
+
+class RateLimited(GatewayError):
+    """A quota is used up; reasons: tenant_limit, agent_limit, route_limit, anonymous_limit."""
+
+    code = "rate-limited"
+    status = 429
+    title = "Too many requests"
 
 
 class PolicyDenied(GatewayError):

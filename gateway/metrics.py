@@ -27,12 +27,16 @@ class Metrics:
     denial_reasons: Counter[tuple[str, str]] = field(default_factory=Counter)
     #: Responses by status class ("2xx" ...).
     responses: Counter[str] = field(default_factory=Counter)
-    #: Decision cache outcomes: hit, miss, uncacheable, flush, evict.
+    #: Decision cache outcomes: hit, miss, uncacheable, flush.
     decision_cache: Counter[str] = field(default_factory=Counter)
     #: Shadow evaluations by outcome: agree, disagree, error, skipped.
     shadow_evaluations: Counter[str] = field(default_factory=Counter)
     #: Shadow disagreements by (enforced allow, shadow allow, reason).
     shadow_disagreements: Counter[tuple[bool, bool, str]] = field(default_factory=Counter)
+    #: True while rate limits run on per-node memory because their Redis failed.
+    ratelimit_degraded: bool = False
+    #: Rate-limit storage failures, each one answered from the memory fallback.
+    ratelimit_storage_errors: int = 0
 
     def record(self, stage: str, status: int, code: str | None, reasons: tuple[str, ...]) -> None:
         self.responses[f"{status // 100}xx"] += 1
