@@ -655,7 +655,7 @@ class AdminKeyConfig:
     """One admin API key: ``Authorization: Bearer <id>.<secret>``.
 
     Only the SHA-256 of the secret is configured (``hash = "sha256:<hex>"``);
-    ``gateway admin-key`` makes a new id, secret and hash.
+    ``python -m gateway.admin.keys --role ROLE`` makes a new id, secret and hash.
     """
 
     id: str
