@@ -17,6 +17,8 @@ turned into RFC 9457 problem+json only at the HTTP edge
      ├── MethodNotAllowed          405 method-not-allowed
      ├── ReplayedNonce             409 replayed-nonce
      ├── PayloadTooLarge           413 payload-too-large
+     ├── AdminUnauthenticated      401 admin-unauthenticated
+     ├── AdminForbidden            403 admin-forbidden
      ├── RateLimited               429 rate-limited         (carries reasons, retry_after)
      ├── InsufficientScope         403 insufficient-scope   (carries reasons)
      ├── TenantMismatch            403 tenant-mismatch
@@ -37,6 +39,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 __all__ = [
+    "AdminForbidden",
+    "AdminUnauthenticated",
     "BadSignature",
     "DependencyUnavailable",
     "GatewayError",
@@ -165,6 +169,18 @@ class PayloadTooLarge(GatewayError):
     code = "payload-too-large"
     status = 413
     title = "Request body too large"
+
+
+class AdminUnauthenticated(GatewayError):
+    code = "admin-unauthenticated"
+    status = 401
+    title = "Admin API key missing or invalid"
+
+
+class AdminForbidden(GatewayError):
+    code = "admin-forbidden"
+    status = 403
+    title = "The admin role does not permit this action"
 
 
 class RateLimited(GatewayError):
