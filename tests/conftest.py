@@ -150,6 +150,7 @@ async def upstream() -> AsyncIterator[TestServer]:
 ACME_SECRET = bytes(range(1, 33))
 ACME_OLD_SECRET = bytes(range(101, 133))
 GLOBEX_SECRET = bytes(range(201, 233))
+AGENT_A1_SECRET = bytes(range(51, 83))
 
 
 def _b64(secret: bytes) -> str:
@@ -163,6 +164,7 @@ TEST_TENANTS: list[dict[str, Any]] = [
         "keys": [
             {"keyid": "acme-k1", "secret": _b64(ACME_SECRET)},
             {"keyid": "acme-k0", "secret": _b64(ACME_OLD_SECRET)},
+            {"keyid": "acme-agent-a1", "secret": _b64(AGENT_A1_SECRET), "agent_id": "a1"},
         ],
     },
     {
@@ -175,6 +177,7 @@ TEST_SECRETS: dict[str, bytes] = {
     "acme-k1": ACME_SECRET,
     "acme-k0": ACME_OLD_SECRET,
     "globex-k1": GLOBEX_SECRET,
+    "acme-agent-a1": AGENT_A1_SECRET,
 }
 
 
