@@ -1,8 +1,9 @@
 """The aiohttp application factory.
 
-Resources are created and closed in ``cleanup_ctx`` (in order: the policy
-engine, the upstream client session, the pipeline), so a graceful shutdown
-lets in-flight requests finish before anything they use is closed.
+Resources are created and closed in ``cleanup_ctx`` (in order: Redis, the
+policy engine, the upstream client session, the audit log, the pipeline), so
+a graceful shutdown lets in-flight requests finish before anything they use
+is closed; the audit log then writes its summaries and a final checkpoint.
 """
 
 from __future__ import annotations
@@ -18,18 +19,19 @@ import aiohttp
 from aiohttp import web
 from redis.asyncio import Redis
 
+from gateway.auditing import AuditRecorder, audit_recorder
 from gateway.config import Config, PolicyConfig
 from gateway.context import REQUEST_CONTEXT
 from gateway.health import ReadinessChecker, health
 from gateway.metrics import Metrics
-from gateway.middleware import edge_middleware, set_security_headers
+from gateway.middleware import ON_OUTCOME, edge_middleware, set_security_headers
 from gateway.pipeline import Pipeline, PipelineDeps, build_pipeline
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.opa import OpaEngine
 from gateway.policy.supervisor import LocalOpa
 from gateway.proxy import ReverseProxy
 
-__all__ = ["CONFIG", "ENGINE", "METRICS", "PIPELINE", "REDIS", "create_app"]
+__all__ = ["AUDIT", "CONFIG", "ENGINE", "METRICS", "PIPELINE", "REDIS", "create_app"]
 
 _log = logging.getLogger("gateway.app")
 
@@ -39,6 +41,8 @@ PIPELINE: Final = web.AppKey("pipeline", Pipeline)
 METRICS: Final = web.AppKey("metrics", Metrics)
 #: The shared Redis client, or None on a single node without Redis.
 REDIS: Final[web.AppKey[Redis | None]] = web.AppKey("redis")
+#: The audit recorder, or None when audit.enabled is false.
+AUDIT: Final[web.AppKey[AuditRecorder | None]] = web.AppKey("audit")
 _HTTP: Final = web.AppKey("http_session", aiohttp.ClientSession)
 _READINESS: Final = web.AppKey("readiness", ReadinessChecker)
 
@@ -62,6 +66,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_policy_engine)
     app.cleanup_ctx.append(_http_session)
+    app.cleanup_ctx.append(_audit)
     app.cleanup_ctx.append(_pipeline)
     app.router.add_get("/health", health)
     app.router.add_get("/_readyz", _readyz)
@@ -121,6 +126,19 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _audit(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    if not config.audit.enabled:
+        _log.warning("audit log disabled: decisions are not recorded")
+        app[AUDIT] = None
+        yield
+        return
+    async with audit_recorder(config, clock=time.time) as recorder:
+        app[AUDIT] = recorder
+        app[ON_OUTCOME] = recorder.record_outcome
+        yield
+
+
 async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     proxy = ReverseProxy(
@@ -136,6 +154,7 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
             redis=app[REDIS],
             metrics=app[METRICS],
             clock=time.time,
+            audit=app[AUDIT],
         )
     )
     yield

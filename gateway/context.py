@@ -45,6 +45,10 @@ class RequestContext:
     #: Signature parameters once the signature stage verified them.
     signature: dict[str, Any] = field(default_factory=dict)
     decision: Decision | None = None
+    #: The policy input document the decision stage sent (for the audit digest).
+    policy_input: dict[str, Any] | None = None
+    #: Sequence number of this request's audit record, once durable.
+    audit_seq: int | None = None
     upstream_status: int | None = None
 
 

@@ -13,6 +13,7 @@ turned into RFC 9457 problem+json only at the HTTP edge
      ├── PolicyDenied              403 policy-denied        (carries reasons)
      ├── PolicyUnavailable         503 policy-unavailable
      ├── DependencyUnavailable     503 dependency-unavailable
+     ├── AuditUnavailable          503 audit-unavailable    (no durable record: not forwarded)
      ├── UpstreamUnavailable       502 upstream-unavailable
      ├── UpstreamTimeout           504 upstream-timeout
      └── InternalError             500 internal-error
@@ -27,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 __all__ = [
+    "AuditUnavailable",
     "DependencyUnavailable",
     "GatewayError",
     "InternalError",
@@ -103,6 +105,12 @@ class DependencyUnavailable(GatewayError):
     code = "dependency-unavailable"
     status = 503
     title = "A dependency is unavailable"
+
+
+class AuditUnavailable(GatewayError):
+    code = "audit-unavailable"
+    status = 503
+    title = "Audit log unavailable"
 
 
 class UpstreamUnavailable(GatewayError):

@@ -162,12 +162,23 @@ def gateway_config(opa_url: str, upstream_url: str, **sections: dict[str, Any]) 
 
 
 @pytest.fixture
-async def make_gateway(opa: OpaProcess, upstream: TestServer) -> AsyncIterator[GatewayFactory]:
-    """Build gateways against the session OPA and the test upstream."""
+async def make_gateway(
+    opa: OpaProcess, upstream: TestServer, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[GatewayFactory]:
+    """Build gateways against the session OPA and the test upstream.
+
+    Each gateway gets its own audit directory unless ``audit`` names one.
+    """
     clients: list[TestClient[Any, Any]] = []
     upstream_url = str(upstream.make_url("")).rstrip("/")
 
     async def factory(**sections: dict[str, Any]) -> TestClient[Any, Any]:
+        audit = dict(sections.get("audit", {}))
+        if "path" not in audit:
+            audit_dir = tmp_path_factory.mktemp("audit")
+            audit.setdefault("path", str(audit_dir / "audit.jsonl"))
+            audit.setdefault("spool_path", str(audit_dir / "spool.jsonl"))
+        sections = {**sections, "audit": audit}
         config = gateway_config(opa.url, upstream_url, **sections)
         client: TestClient[Any, Any] = TestClient(
             GatewayTestServer(create_app(config), host="127.0.0.1")

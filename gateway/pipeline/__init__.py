@@ -17,6 +17,7 @@ from typing import Final, Protocol
 from aiohttp import web
 from redis.asyncio import Redis
 
+from gateway.auditing import AuditRecorder
 from gateway.config import Config
 from gateway.context import RequestContext
 from gateway.errors import InternalError
@@ -55,6 +56,8 @@ class PipelineDeps:
     redis: Redis | None = None
     #: Wall-clock seconds (time.time); tests pin it.
     clock: Callable[[], float] = time.time
+    #: The audit log's recorder; None when audit.enabled is false.
+    audit: AuditRecorder | None = None
 
 
 StageFactory = Callable[[PipelineDeps], Stage]
