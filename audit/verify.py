@@ -143,6 +143,7 @@ def _parse(raw: bytes | str) -> _Parsed:
 
 @dataclass(slots=True)
 class _Break:
+    before: _Parsed | None
     prev: _Parsed
     found: _Parsed
     after: _Parsed | None = None
@@ -160,6 +161,7 @@ class ChainVerifier:
         #: Hashes of intact records at the checkpointed seqs.
         self.hashes_at: dict[int, str] = {}
         self._prev: _Parsed | None = None
+        self._before_prev: _Parsed | None = None
         self._break: _Break | None = None
 
     @property
@@ -174,11 +176,12 @@ class ChainVerifier:
         if self._break is None:
             prev = self._prev or self._genesis()
             if self._links(record, prev):
+                self._before_prev = prev
                 self._prev = record
                 if record.seq in self._want:
                     self.hashes_at[record.seq] = record.hash
             else:
-                self._break = _Break(prev=prev, found=record)
+                self._break = _Break(before=self._before_prev, prev=prev, found=record)
             return
         # After the break: only what classifies it.
         found = self._break
@@ -222,6 +225,20 @@ class ChainVerifier:
                     f"record {record.seq} appears where {expected} belongs",
                 )
             return Damage("inserted", expected, f"a record claiming seq {record.seq} was added")
+        before = found.before
+        if (
+            record.seq == prev.seq
+            and before is not None
+            and record.prev_hash == before.hash
+            and after is not None
+            and after.ok
+            and after.prev_hash == record.hash
+        ):
+            # Two records claim prev.seq and both link back; the chain goes on
+            # from the second, so the first one was slipped in.
+            return Damage(
+                "inserted", prev.seq, f"a forged record claims seq {prev.seq} before the real one"
+            )
         return Damage(
             "inserted", expected, f"record {record.seq} appears again where {expected} belongs"
         )
@@ -335,6 +352,8 @@ def _conclude(
     record_damage = verifier.finish()
     if record_damage is not None:
         report.damage.append(record_damage)
+        report.last_seq = min(report.last_seq, record_damage.seq - 1)
+        report.head_hash = None
     good = _check_checkpoints(checkpoints, keys, report.chain_id, report)
     intact_until = record_damage.seq - 1 if record_damage else report.last_seq
     previous = 0

@@ -1,0 +1,299 @@
+"""End to end: every pipeline outcome leaves exactly one record or an exact count."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.typedefs import Handler
+
+from audit.verify import verify_file, verify_postgres
+from gateway.echo import create_echo_app
+from tests.audit_support import read_records, trusted_keys
+from tests.conftest import GatewayFactory, free_port
+from tests.problems import assert_problem
+from tests.services import PostgresService
+
+Client = TestClient[Any, Any]
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass
+class Upstream:
+    """An echo upstream that notes each request and whether its record was on disk."""
+
+    server: TestServer
+    audit_path: Path
+    seen: list[tuple[str, bool]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    def routes(self) -> list[dict[str, Any]]:
+        return [
+            {"name": name, "prefix": f"/{name}/", "upstream": self.url, "timeout_s": 2.0}
+            for name in ("echo", "readonly", "locked")
+        ]
+
+
+@pytest.fixture
+async def upstream_seen(tmp_path: Path) -> AsyncIterator[Upstream]:
+    app = create_echo_app()
+    audit_path = tmp_path / "audit.jsonl"
+    upstream: Upstream
+
+    @web.middleware
+    async def note(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = request.headers.get("X-Request-Id", "")
+        recorded = audit_path.exists() and request_id.encode() in audit_path.read_bytes()
+        upstream.seen.append((request.path, recorded))
+        return await handler(request)
+
+    app.middlewares.append(note)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    upstream = Upstream(server, audit_path)
+    yield upstream
+    await server.close()
+
+
+async def _gateway(
+    make_gateway: GatewayFactory, upstream: Upstream, **sections: dict[str, Any]
+) -> Client:
+    audit = {
+        "path": str(upstream.audit_path),
+        "spool_path": str(upstream.audit_path.with_name("spool.jsonl")),
+        "chain_id": "e2e",
+        **sections.pop("audit", {}),
+    }
+    return await make_gateway(audit=audit, routes=upstream.routes(), **sections)
+
+
+async def _records_after_close(client: Client, upstream: Upstream) -> list[dict[str, Any]]:
+    await client.close()  # shutdown writes the summaries and a final checkpoint
+    report = verify_file(upstream.audit_path, keys=trusted_keys(upstream.audit_path.parent))
+    assert report.intact, report.damage
+    return read_records(upstream.audit_path)
+
+
+class TestAllowed:
+    async def test_allow_is_durable_before_the_upstream_sees_the_request(
+        self, make_gateway: GatewayFactory, upstream_seen: Upstream
+    ) -> None:
+        """One allow record, already on disk when the request reaches the upstream."""
+        client = await _gateway(make_gateway, upstream_seen)
+        response = await client.get("/echo/x?q=1")
+        assert response.status == 200
+        request_id = response.headers["X-Request-Id"]
+        (record,) = await _records_after_close(client, upstream_seen)
+        assert upstream_seen.seen == [("/echo/x", True)]
+        assert record["outcome"] == "allow"
+        assert record["stage"] == "audit"
+        assert record["request_id"] == request_id
+        assert len(record["decision_id"]) == 36
+        assert HEX64.fullmatch(record["input_digest"])
+        assert (record["status"], record["code"]) == (None, None)
+
+    async def test_an_upstream_error_answer_is_not_a_second_record(
+        self, make_gateway: GatewayFactory, upstream_seen: Upstream
+    ) -> None:
+        """An upstream's own 404 is its answer: the request has its allow record only."""
+        client = await _gateway(make_gateway, upstream_seen)
+        assert (await client.get("/echo/status/404")).status == 404
+        records = await _records_after_close(client, upstream_seen)
+        assert [r["outcome"] for r in records] == ["allow"]
+
+
+class TestDenied:
+    @pytest.mark.parametrize(
+        ("method", "path", "reasons"),
+        [
+            pytest.param(
+                "GET", "/locked/x", ["authentication_required", "missing_scope"], id="locked"
+            ),
+            pytest.param("DELETE", "/readonly/x", ["method_not_allowed"], id="read-only"),
+        ],
+    )
+    async def test_policy_denial_is_one_record(
+        self,
+        make_gateway: GatewayFactory,
+        upstream_seen: Upstream,
+        method: str,
+        path: str,
+        reasons: list[str],
+    ) -> None:
+        """A policy denial: one deny record with the decision id and the reasons."""
+        client = await _gateway(make_gateway, upstream_seen)
+        response = await client.request(method, path)
+        body = await assert_problem(response, 403, "policy-denied", reasons)
+        (record,) = await _records_after_close(client, upstream_seen)
+        assert record["outcome"] == "deny"
+        assert (record["stage"], record["status"], record["code"]) == (
+            "decision",
+            403,
+            "policy-denied",
+        )
+        assert record["reasons"] == reasons
+        assert record["decision_id"] == body["decision_id"]
+        assert record["request_id"] == body["request_id"]
+        assert HEX64.fullmatch(record["input_digest"])
+        assert upstream_seen.seen == []
+
+    async def test_policy_unavailable_is_one_error_record(
+        self, make_gateway: GatewayFactory, upstream_seen: Upstream
+    ) -> None:
+        """OPA unreachable: 503, one error record naming the decision attempt."""
+        client = await _gateway(
+            make_gateway, upstream_seen, policy={"url": f"http://127.0.0.1:{free_port()}"}
+        )
+        body = await assert_problem(await client.get("/echo/x"), 503, "policy-unavailable")
+        (record,) = await _records_after_close(client, upstream_seen)
+        assert (record["outcome"], record["code"], record["stage"]) == (
+            "error",
+            "policy-unavailable",
+            "decision",
+        )
+        assert record["decision_id"] == body["decision_id"]
+
+    async def test_upstream_failure_follows_its_allow(
+        self, make_gateway: GatewayFactory, upstream_seen: Upstream
+    ) -> None:
+        """Forwarded then failed upstream: the allow record, then an error record."""
+        client = await _gateway(make_gateway, upstream_seen)
+        await assert_problem(await client.get("/echo/slow/5"), 504, "upstream-timeout")
+        records = await _records_after_close(client, upstream_seen)
+        assert [(r["outcome"], r["stage"], r["code"]) for r in records] == [
+            ("allow", "audit", None),
+            ("error", "route", "upstream-timeout"),
+        ]
+        assert records[0]["request_id"] == records[1]["request_id"]
+
+    @pytest.mark.parametrize(
+        ("method", "path", "status", "code"),
+        [
+            pytest.param("GET", "/nowhere", 404, "no-route", id="no-route"),
+            pytest.param("GET", "/echo/a%2Fb", 400, "malformed-request", id="malformed"),
+            pytest.param("PROPFIND", "/echo/x", 405, "method-not-allowed", id="method"),
+        ],
+    )
+    async def test_anonymous_rejections_are_counted_not_recorded(
+        self,
+        make_gateway: GatewayFactory,
+        upstream_seen: Upstream,
+        method: str,
+        path: str,
+        status: int,
+        code: str,
+    ) -> None:
+        """Rejections anyone can cause become a count in the window's summary record."""
+        client = await _gateway(make_gateway, upstream_seen)
+        await assert_problem(await client.request(method, path), status, code)
+        (record,) = await _records_after_close(client, upstream_seen)
+        assert record["outcome"] == "summary"
+        assert record["counts"] == {f"ip:127.0.0.1|{code}": 1}
+
+
+class TestFlood:
+    async def test_500_bad_requests_are_one_summary_with_count_500(
+        self, make_gateway: GatewayFactory, upstream_seen: Upstream
+    ) -> None:
+        """A flood becomes one record with an exact count; real decisions stay individual."""
+        client = await _gateway(make_gateway, upstream_seen)
+        responses = await asyncio.gather(*(client.get(f"/nowhere/{n}") for n in range(500)))
+        assert {r.status for r in responses} == {404}
+        assert (await client.get("/echo/x")).status == 200
+        records = await _records_after_close(client, upstream_seen)
+        summaries = [r for r in records if r["outcome"] == "summary"]
+        assert len(summaries) == 1
+        assert summaries[0]["counts"] == {"ip:127.0.0.1|no-route": 500}
+        assert [r["outcome"] for r in records if r["outcome"] != "summary"] == ["allow"]
+
+    async def test_every_request_is_accounted_for(
+        self, make_gateway: GatewayFactory, upstream_seen: Upstream
+    ) -> None:
+        """A mixed load: records plus summary counts equal the requests sent."""
+        client = await _gateway(make_gateway, upstream_seen)
+        paths = ["/echo/a", "/locked/b", "/nowhere", "/echo/a%2Fb"] * 25
+        await asyncio.gather(*(client.get(path) for path in paths))
+        records = await _records_after_close(client, upstream_seen)
+        individual = [r for r in records if r["outcome"] != "summary"]
+        counted = sum(n for r in records if r["outcome"] == "summary" for n in r["counts"].values())
+        assert len(individual) + counted == len(paths)
+        assert len({r["request_id"] for r in individual}) == len(individual)
+
+
+class TestUnrecordable:
+    async def test_no_store_and_no_spool_means_503_and_nothing_forwarded(
+        self,
+        make_gateway: GatewayFactory,
+        upstream_seen: Upstream,
+        postgres_server: PostgresService,
+        tmp_path: Path,
+    ) -> None:
+        """PostgreSQL down and the spool unwritable: 503 audit-unavailable, upstream untouched."""
+        blocker = tmp_path / "not-a-directory"
+        blocker.write_text("the spool cannot be created below a regular file")
+        chain = f"e2e-{uuid.uuid4().hex[:8]}"
+        client = await _gateway(
+            make_gateway,
+            upstream_seen,
+            audit={
+                "store": "postgres",
+                "dsn": postgres_server.dsn,
+                "chain_id": chain,
+                "spool_path": str(blocker / "spool.jsonl"),
+            },
+        )
+        assert (await client.get("/echo/before")).status == 200
+        await asyncio.to_thread(postgres_server.stop)
+        try:
+            await assert_problem(await client.get("/echo/x"), 503, "audit-unavailable")
+            await assert_problem(await client.get("/locked/x"), 503, "audit-unavailable")
+            assert upstream_seen.seen == [("/echo/before", False)]
+        finally:
+            await asyncio.to_thread(postgres_server.start)
+        assert (await client.get("/echo/after")).status == 200
+        await client.close()
+        assert [path for path, _ in upstream_seen.seen] == ["/echo/before", "/echo/after"]
+        report = await verify_postgres(
+            postgres_server.dsn, chain, keys=trusted_keys(upstream_seen.audit_path.parent)
+        )
+        assert report.intact, report.damage
+        assert report.last_seq == 2
+
+
+class TestConfig:
+    async def test_disabled_audit_records_nothing(
+        self, make_gateway: GatewayFactory, upstream_seen: Upstream
+    ) -> None:
+        """audit.enabled = false: requests flow and no log is created."""
+        client = await _gateway(make_gateway, upstream_seen, audit={"enabled": False})
+        assert (await client.get("/echo/x")).status == 200
+        await client.close()
+        assert not upstream_seen.audit_path.exists()
+
+    async def test_log_line_carries_the_audit_seq(
+        self,
+        make_gateway: GatewayFactory,
+        upstream_seen: Upstream,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """The canonical request log line names the record's seq (audit_seq)."""
+        client = await _gateway(make_gateway, upstream_seen)
+        with caplog.at_level(logging.INFO, logger="gateway.request"):
+            await client.get("/echo/x")
+            await client.get("/locked/x")
+        seqs = [
+            getattr(r, "audit_seq", None) for r in caplog.records if r.name == "gateway.request"
+        ]
+        assert seqs == [1, 2]
