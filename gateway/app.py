@@ -1,9 +1,10 @@
 """The aiohttp application factory.
 
 Resources are created and closed in ``cleanup_ctx`` (in order: Redis, the
-policy engine, the upstream client session, the audit log, the pipeline), so
-a graceful shutdown lets in-flight requests finish before anything they use
-is closed; the audit log then writes its summaries and a final checkpoint.
+policy engine, the upstream client session, the gateway's own outbound
+session, the audit log, the pipeline), so a graceful shutdown lets in-flight
+requests finish before anything they use is closed; the audit log then writes
+its summaries and a final checkpoint.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Final
 
@@ -44,11 +45,17 @@ REDIS: Final[web.AppKey[Redis | None]] = web.AppKey("redis")
 #: The audit recorder, or None when audit.enabled is false.
 AUDIT: Final[web.AppKey[AuditRecorder | None]] = web.AppKey("audit")
 _HTTP: Final = web.AppKey("http_session", aiohttp.ClientSession)
+#: The gateway's own outbound calls (JWKS): no cookies, apart from the proxy's pool.
+_OUTBOUND: Final = web.AppKey("outbound_session", aiohttp.ClientSession)
 _READINESS: Final = web.AppKey("readiness", ReadinessChecker)
+_CLOCK: Final[web.AppKey[Callable[[], float]]] = web.AppKey("clock")
 
 
-def create_app(config: Config) -> web.Application:
-    """Build the gateway application for ``config``; nothing starts until it runs."""
+def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
+    """Build the gateway application for ``config``; nothing starts until it runs.
+
+    ``clock`` (wall-clock seconds) is what the pipeline judges time by; tests pin it.
+    """
     metrics = Metrics()
     app = web.Application(
         middlewares=[
@@ -62,10 +69,12 @@ def create_app(config: Config) -> web.Application:
     )
     app[CONFIG] = config
     app[METRICS] = metrics
+    app[_CLOCK] = clock
     app.on_response_prepare.append(set_security_headers)
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_policy_engine)
     app.cleanup_ctx.append(_http_session)
+    app.cleanup_ctx.append(_outbound_session)
     app.cleanup_ctx.append(_audit)
     app.cleanup_ctx.append(_pipeline)
     app.router.add_get("/health", health)
@@ -121,8 +130,21 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
 
 async def _http_session(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=1000, limit_per_host=256, ttl_dns_cache=30)
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+    # SECURITY: no cookie jar; a shared jar would replay one client's upstream
+    # cookies on another client's requests.
+    async with aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+    ) as session:
         app[_HTTP] = session
+        yield
+
+
+async def _outbound_session(app: web.Application) -> AsyncIterator[None]:
+    connector = aiohttp.TCPConnector(limit=32, ttl_dns_cache=30)
+    async with aiohttp.ClientSession(
+        connector=connector, cookie_jar=aiohttp.DummyCookieJar()
+    ) as session:
+        app[_OUTBOUND] = session
         yield
 
 
@@ -133,7 +155,7 @@ async def _audit(app: web.Application) -> AsyncIterator[None]:
         app[AUDIT] = None
         yield
         return
-    async with audit_recorder(config, clock=time.time) as recorder:
+    async with audit_recorder(config, clock=app[_CLOCK]) as recorder:
         app[AUDIT] = recorder
         app[ON_OUTCOME] = recorder.record_outcome
         yield
@@ -153,11 +175,15 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
             proxy=proxy,
             redis=app[REDIS],
             metrics=app[METRICS],
-            clock=time.time,
+            clock=app[_CLOCK],
+            http=app[_OUTBOUND],
             audit=app[AUDIT],
         )
     )
-    yield
+    try:
+        yield
+    finally:
+        await app[PIPELINE].close()
 
 
 def _opa_binary(policy: PolicyConfig) -> Path:

@@ -44,6 +44,9 @@ class RequestContext:
     subject: Subject = field(default_factory=Subject)
     #: Signature parameters once the signature stage verified them.
     signature: dict[str, Any] = field(default_factory=dict)
+    #: The request body when a stage had to read it whole (to check its
+    #: digest); the proxy then sends these bytes instead of streaming.
+    body: bytes | None = None
     decision: Decision | None = None
     #: The policy input document the decision stage sent (for the audit digest).
     policy_input: dict[str, Any] | None = None

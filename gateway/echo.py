@@ -5,7 +5,9 @@
 - any path: a JSON echo of the method, path, query, headers and body size;
 - ``.../status/{code}``: answers with that status;
 - ``.../slow/{seconds}``: waits, then echoes (to exercise timeouts);
-- ``.../stream/{chunks}``: a chunked body of that many lines.
+- ``.../stream/{chunks}``: a chunked body of that many lines;
+- ``.../ping``: a two-byte answer (the benchmarks' cheap upstream);
+- ``.../set-cookie``: an echo that also sets a cookie.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ __all__ = ["create_echo_app", "main"]
 
 async def _echo(request: web.Request) -> web.StreamResponse:
     tail = request.match_info["tail"]
+    if tail.endswith("/ping"):
+        return web.Response(body=b"ok", content_type="text/plain")
     parts = tail.split("/")
     if len(parts) >= 2 and parts[-2] == "slow":
         await asyncio.sleep(float(parts[-1]))
@@ -45,7 +49,12 @@ async def _echo(request: web.Request) -> web.StreamResponse:
         "body_bytes": len(body),
         "body_sha256": hashlib.sha256(body).hexdigest(),
     }
-    return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json")
+    response = web.Response(
+        status=status, body=orjson.dumps(payload), content_type="application/json"
+    )
+    if parts[-1] == "set-cookie":
+        response.set_cookie("upstream-session", "s1")
+    return response
 
 
 def create_echo_app() -> web.Application:

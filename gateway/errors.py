@@ -7,9 +7,18 @@ turned into RFC 9457 problem+json only at the HTTP edge
 
     GatewayError
      ├── MalformedRequest          400 malformed-request
+     ├── MalformedSignature        400 malformed-signature  (unparseable signature fields)
+     ├── MissingSignature          401 missing-signature
+     ├── BadSignature              401 bad-signature        (carries reasons)
+     ├── StaleRequest              401 stale-request        (carries reasons)
+     ├── MissingCredentials        401 missing-credentials  (carries reasons)
+     ├── InvalidToken              401 invalid-token        (carries reasons)
      ├── NoRoute                   404 no-route
      ├── MethodNotAllowed          405 method-not-allowed
+     ├── ReplayedNonce             409 replayed-nonce
      ├── PayloadTooLarge           413 payload-too-large
+     ├── InsufficientScope         403 insufficient-scope   (carries reasons)
+     ├── TenantMismatch            403 tenant-mismatch
      ├── PolicyDenied              403 policy-denied        (carries reasons)
      ├── PolicyUnavailable         503 policy-unavailable
      ├── DependencyUnavailable     503 dependency-unavailable
@@ -29,15 +38,24 @@ from typing import Any, ClassVar
 
 __all__ = [
     "AuditUnavailable",
+    "BadSignature",
     "DependencyUnavailable",
     "GatewayError",
+    "InsufficientScope",
     "InternalError",
+    "InvalidToken",
     "MalformedRequest",
+    "MalformedSignature",
     "MethodNotAllowed",
+    "MissingCredentials",
+    "MissingSignature",
     "NoRoute",
     "PayloadTooLarge",
     "PolicyDenied",
     "PolicyUnavailable",
+    "ReplayedNonce",
+    "StaleRequest",
+    "TenantMismatch",
     "UpstreamTimeout",
     "UpstreamUnavailable",
 ]
@@ -69,6 +87,66 @@ class MalformedRequest(GatewayError):
     code = "malformed-request"
     status = 400
     title = "Malformed request"
+
+
+class MalformedSignature(GatewayError):
+    code = "malformed-signature"
+    status = 400
+    title = "Malformed signature fields"
+
+
+class MissingSignature(GatewayError):
+    code = "missing-signature"
+    status = 401
+    title = "This route requires a signed request"
+
+
+class BadSignature(GatewayError):
+    code = "bad-signature"
+    status = 401
+    title = "The request signature does not verify"
+
+
+class StaleRequest(GatewayError):
+    code = "stale-request"
+    status = 401
+    title = "The request signature is not fresh"
+
+
+class ReplayedNonce(GatewayError):
+    code = "replayed-nonce"
+    status = 409
+    title = "This request was already seen"
+
+
+class MissingCredentials(GatewayError):
+    """The route needs a credential (bearer token or API key) the request lacks."""
+
+    code = "missing-credentials"
+    status = 401
+    title = "Credentials required"
+
+
+class InvalidToken(GatewayError):
+    """A presented credential is malformed, unverifiable, expired or not for us."""
+
+    code = "invalid-token"
+    status = 401
+    title = "Invalid credentials"
+
+
+class InsufficientScope(GatewayError):
+    code = "insufficient-scope"
+    status = 403
+    title = "Insufficient scope"
+
+
+class TenantMismatch(GatewayError):
+    """The credential's tenant is not the tenant that signed the request."""
+
+    code = "tenant-mismatch"
+    status = 403
+    title = "Credential tenant does not match the signing tenant"
 
 
 class NoRoute(GatewayError):

@@ -8,6 +8,7 @@ never as a stack trace.
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import re
 import sys
@@ -33,11 +34,18 @@ _URL_CREDENTIALS: Final = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@
 REDACTED: Final = "[redacted]"
 
 
+@functools.lru_cache(maxsize=1024)
+def _sensitive(key: str) -> bool:
+    return _SENSITIVE_KEY.search(key) is not None
+
+
 def redact(key: str, value: Any) -> Any:
     """The loggable form of ``value`` stored under ``key``."""
-    if _SENSITIVE_KEY.search(key):
+    if _sensitive(key):
         return REDACTED
     if isinstance(value, str):
+        if "@" not in value:
+            return value
         return _URL_CREDENTIALS.sub(r"\g<scheme>[redacted]@", value)
     if isinstance(value, Mapping):
         return {str(k): redact(str(k), v) for k, v in value.items()}

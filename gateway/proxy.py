@@ -2,8 +2,16 @@
 
 Hop-by-hop headers (RFC 9110 §7.6.1, plus any named in ``Connection``) are
 dropped both ways; ``X-Forwarded-For/-Proto/-Host`` and ``X-Request-Id`` are
-set for the upstream. Bodies stream in both directions; the request body is
-cut off at the configured cap. Connection failures are 502, timeouts 504.
+set for the upstream. A credential the gateway verified (``Authorization``
+on a route whose ``auth`` is not "none") is removed unless the route sets
+``forward_authorization``; instead the upstream gets the verified identity as
+``X-Nops-Tenant``, ``-Subject``, ``-Agent``, ``-Scopes`` and
+``-Decision-Id``. Callers can never send ``X-Nops-*`` themselves. The
+request signature (``Signature``, ``Signature-Input``) is the caller's proof
+to the gateway and is not forwarded.
+Bodies stream in both directions; the request body is cut off at the
+configured cap. A body a stage already read whole (``ctx.body``, to verify
+its digest) is sent as those bytes. Connection failures are 502, timeouts 504.
 """
 
 from __future__ import annotations
@@ -49,9 +57,13 @@ _REWRITTEN: Final = frozenset(
         hdrs.X_FORWARDED_PROTO,
         "Forwarded",
         "X-Request-Id",
+        # The caller's proof to the gateway, verified and consumed here.
+        "Signature",
+        "Signature-Input",
     )
 )
 _CHUNK: Final = 64 * 1024
+_IDENTITY_PREFIX: Final = "x-nops-"
 
 
 class _BodyTooLarge(Exception):
@@ -94,13 +106,20 @@ class ReverseProxy:
         request = ctx.request
         url = _target_url(route, request)
         timeout = aiohttp.ClientTimeout(total=route.timeout_s, connect=route.connect_timeout_s)
-        body = _CappedBody(request, self._max_body) if request.body_exists else None
+        body: _CappedBody | None = None
+        data: bytes | AsyncIterator[bytes] | None = None
+        if ctx.body is not None:
+            # The stream is consumed: send the bytes whose digest was verified.
+            data = ctx.body or None
+        elif request.body_exists:
+            body = _CappedBody(request, self._max_body)
+            data = body.chunks()
         try:
             upstream = await self._session.request(
                 request.method,
                 url,
                 headers=_upstream_headers(ctx, url, self._trusted),
-                data=body.chunks() if body is not None else None,
+                data=data,
                 timeout=timeout,
                 allow_redirects=False,
                 auto_decompress=False,
@@ -175,10 +194,17 @@ def _upstream_headers(
     ctx: RequestContext, url: yarl.URL, trusted: frozenset[str]
 ) -> CIMultiDict[str]:
     request = ctx.request
+    route = ctx.route
     drop = HOP_BY_HOP | _REWRITTEN | _connection_tokens(request.headers)
+    if route is not None and route.auth != "none" and not route.forward_authorization:
+        drop = drop | {"authorization"}
     headers: CIMultiDict[str] = CIMultiDict(
-        (k, v) for k, v in request.headers.items() if k.lower() not in drop
+        (k, v)
+        for k, v in request.headers.items()
+        # SECURITY: X-Nops-* is the gateway's word to the upstream, never the caller's.
+        if k.lower() not in drop and not k.lower().startswith(_IDENTITY_PREFIX)
     )
+    _add_identity(headers, ctx)
     forwarded_for = request.headers.get(hdrs.X_FORWARDED_FOR)
     if forwarded_for and request.remote in trusted:
         # SECURITY: only a trusted proxy's chain is kept; a client's is replaced.
@@ -190,6 +216,20 @@ def _upstream_headers(
     headers["X-Request-Id"] = ctx.request_id
     headers[hdrs.HOST] = url.raw_authority
     return headers
+
+
+def _add_identity(headers: CIMultiDict[str], ctx: RequestContext) -> None:
+    if ctx.tenant is not None:
+        headers["X-Nops-Tenant"] = ctx.tenant.id
+    subject = ctx.subject
+    if subject.sub is not None:
+        headers["X-Nops-Subject"] = subject.sub
+    if subject.agent_id is not None:
+        headers["X-Nops-Agent"] = subject.agent_id
+    if subject.scopes:
+        headers["X-Nops-Scopes"] = " ".join(subject.scopes)
+    if ctx.decision is not None:
+        headers["X-Nops-Decision-Id"] = ctx.decision.decision_id
 
 
 def _response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:

@@ -20,6 +20,7 @@ from audit.verify import verify_file, verify_postgres
 from gateway.echo import create_echo_app
 from tests.audit_support import read_records, trusted_keys
 from tests.conftest import GatewayFactory, free_port
+from tests.jwtissuer import AUDIENCE, FakeIssuer
 from tests.problems import assert_problem
 from tests.services import PostgresService
 
@@ -40,9 +41,14 @@ class Upstream:
         return str(self.server.make_url("")).rstrip("/")
 
     def routes(self) -> list[dict[str, Any]]:
+        """echo and readonly anonymous; locked needs a signature and a JWT."""
+        anonymous = {"auth": "none", "require_signature": False, "timeout_s": 2.0}
         return [
-            {"name": name, "prefix": f"/{name}/", "upstream": self.url, "timeout_s": 2.0}
-            for name in ("echo", "readonly", "locked")
+            *(
+                {"name": name, "prefix": f"/{name}/", "upstream": self.url, **anonymous}
+                for name in ("echo", "readonly")
+            ),
+            {"name": "locked", "prefix": "/locked/", "upstream": self.url},
         ]
 
 
@@ -67,9 +73,7 @@ async def upstream_seen(tmp_path: Path) -> AsyncIterator[Upstream]:
     await server.close()
 
 
-async def _gateway(
-    make_gateway: GatewayFactory, upstream: Upstream, **sections: dict[str, Any]
-) -> Client:
+async def _gateway(make_gateway: GatewayFactory, upstream: Upstream, **sections: Any) -> Client:
     audit = {
         "path": str(upstream.audit_path),
         "spool_path": str(upstream.audit_path.with_name("spool.jsonl")),
@@ -77,6 +81,16 @@ async def _gateway(
         **sections.pop("audit", {}),
     }
     return await make_gateway(audit=audit, routes=upstream.routes(), **sections)
+
+
+async def _jwt_gateway(
+    make_gateway: GatewayFactory, upstream: Upstream, issuer: FakeIssuer
+) -> Client:
+    """Requests signed as tenant acme; locked takes the fake issuer's JWTs."""
+    trusted = {"issuer": issuer.issuer, "audiences": [AUDIENCE], "jwks_url": issuer.jwks_url}
+    return await _gateway(
+        make_gateway, upstream, sign_as="acme-k1", identity={"issuers": [trusted]}
+    )
 
 
 async def _records_after_close(client: Client, upstream: Upstream) -> list[dict[str, Any]]:
@@ -104,6 +118,26 @@ class TestAllowed:
         assert HEX64.fullmatch(record["input_digest"])
         assert (record["status"], record["code"]) == (None, None)
 
+    async def test_signed_and_authenticated_request_names_tenant_and_subject(
+        self, make_gateway: GatewayFactory, upstream_seen: Upstream, jwt_issuer: FakeIssuer
+    ) -> None:
+        """A signed request with a JWT: the record names the tenant and the sub, no token."""
+        client = await _jwt_gateway(make_gateway, upstream_seen, jwt_issuer)
+        token = jwt_issuer.token(scope="locked:read")
+        response = await client.get("/locked/x", headers={"Authorization": f"Bearer {token}"})
+        assert response.status == 200
+        await client.close()
+        raw = upstream_seen.audit_path.read_bytes()
+        (record,) = read_records(upstream_seen.audit_path)
+        assert (record["outcome"], record["tenant"], record["subject"]) == (
+            "allow",
+            "acme",
+            "svc-42",
+        )
+        # SECURITY: neither the token nor the request signature is in the log.
+        assert token.split(".")[2].encode() not in raw
+        assert b"sig1=" not in raw
+
     async def test_an_upstream_error_answer_is_not_a_second_record(
         self, make_gateway: GatewayFactory, upstream_seen: Upstream
     ) -> None:
@@ -116,25 +150,26 @@ class TestAllowed:
 
 class TestDenied:
     @pytest.mark.parametrize(
-        ("method", "path", "reasons"),
+        ("method", "path", "scope", "reasons"),
         [
-            pytest.param(
-                "GET", "/locked/x", ["authentication_required", "missing_scope"], id="locked"
-            ),
-            pytest.param("DELETE", "/readonly/x", ["method_not_allowed"], id="read-only"),
+            pytest.param("GET", "/locked/x", "other", ["missing_scope"], id="authenticated"),
+            pytest.param("DELETE", "/readonly/x", None, ["method_not_allowed"], id="anonymous"),
         ],
     )
     async def test_policy_denial_is_one_record(
         self,
         make_gateway: GatewayFactory,
         upstream_seen: Upstream,
+        jwt_issuer: FakeIssuer,
         method: str,
         path: str,
+        scope: str | None,
         reasons: list[str],
     ) -> None:
         """A policy denial: one deny record with the decision id and the reasons."""
-        client = await _gateway(make_gateway, upstream_seen)
-        response = await client.request(method, path)
+        client = await _jwt_gateway(make_gateway, upstream_seen, jwt_issuer)
+        headers = {"Authorization": f"Bearer {jwt_issuer.token(scope=scope)}"} if scope else {}
+        response = await client.request(method, path, headers=headers)
         body = await assert_problem(response, 403, "policy-denied", reasons)
         (record,) = await _records_after_close(client, upstream_seen)
         assert record["outcome"] == "deny"
@@ -184,6 +219,7 @@ class TestDenied:
             pytest.param("GET", "/nowhere", 404, "no-route", id="no-route"),
             pytest.param("GET", "/echo/a%2Fb", 400, "malformed-request", id="malformed"),
             pytest.param("PROPFIND", "/echo/x", 405, "method-not-allowed", id="method"),
+            pytest.param("GET", "/locked/x", 401, "missing-signature", id="unsigned"),
         ],
     )
     async def test_anonymous_rejections_are_counted_not_recorded(
@@ -223,7 +259,7 @@ class TestFlood:
     ) -> None:
         """A mixed load: records plus summary counts equal the requests sent."""
         client = await _gateway(make_gateway, upstream_seen)
-        paths = ["/echo/a", "/locked/b", "/nowhere", "/echo/a%2Fb"] * 25
+        paths = ["/echo/a", "/readonly/b", "/locked/c", "/nowhere", "/echo/a%2Fb"] * 20
         await asyncio.gather(*(client.get(path) for path in paths))
         records = await _records_after_close(client, upstream_seen)
         individual = [r for r in records if r["outcome"] != "summary"]
@@ -258,7 +294,7 @@ class TestUnrecordable:
         await asyncio.to_thread(postgres_server.stop)
         try:
             await assert_problem(await client.get("/echo/x"), 503, "audit-unavailable")
-            await assert_problem(await client.get("/locked/x"), 503, "audit-unavailable")
+            await assert_problem(await client.delete("/readonly/x"), 503, "audit-unavailable")
             assert upstream_seen.seen == [("/echo/before", False)]
         finally:
             await asyncio.to_thread(postgres_server.start)
@@ -292,7 +328,7 @@ class TestConfig:
         client = await _gateway(make_gateway, upstream_seen)
         with caplog.at_level(logging.INFO, logger="gateway.request"):
             await client.get("/echo/x")
-            await client.get("/locked/x")
+            await client.delete("/readonly/x")
         seqs = [
             getattr(r, "audit_seq", None) for r in caplog.records if r.name == "gateway.request"
         ]

@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.middleware import SECURITY_HEADERS
 from gateway.problem import PROBLEM_CONTENT_TYPE, problem_type
@@ -76,15 +76,35 @@ class TestAllowedRequests:
         # SECURITY: a client-supplied X-Forwarded-For from an untrusted peer is replaced.
         assert headers["x-forwarded-for"] == "127.0.0.1"
 
+    async def test_upstream_cookies_are_not_shared_between_clients(
+        self, make_gateway: GatewayFactory, upstream: TestServer
+    ) -> None:
+        """A Set-Cookie reaches its caller but is never replayed on anyone's next request."""
+        # A host name, not an IP: cookie jars ignore cookies from IP addresses.
+        by_name = f"http://localhost:{upstream.port}"
+        gateway = await make_gateway(
+            routes=[
+                {
+                    "name": "echo",
+                    "prefix": "/echo/",
+                    "upstream": by_name,
+                    "auth": "none",
+                    "require_signature": False,
+                }
+            ]
+        )
+        first = await gateway.get("/echo/set-cookie")
+        assert "upstream-session=s1" in first.headers["Set-Cookie"]
+        gateway.session.cookie_jar.clear()
+        second = await gateway.get("/echo/x")
+        assert "cookie" not in (await second.json())["headers"]
+
 
 class TestDenials:
     @pytest.mark.parametrize(
         ("method", "path", "reasons"),
         [
             pytest.param("DELETE", "/readonly/x", ["method_not_allowed"], id="method-not-allowed"),
-            pytest.param(
-                "GET", "/locked/x", ["authentication_required", "missing_scope"], id="locked"
-            ),
         ],
     )
     async def test_policy_denies_with_reasons(
@@ -94,6 +114,13 @@ class TestDenials:
         response = await gateway.request(method, path)
         body = await assert_problem(response, 403, "policy-denied", reasons)
         assert len(body["decision_id"]) == 36
+
+    async def test_unsigned_request_to_signed_route_is_401(self, gateway: Client) -> None:
+        """A route that requires a signature refuses an unsigned request before the policy."""
+        response = await gateway.get("/locked/x")
+        body = await assert_problem(response, 401, "missing-signature", ["signature_missing"])
+        assert "decision_id" not in body
+        assert "Accept-Signature" in response.headers
 
     @pytest.mark.parametrize(
         ("decision_path", "reason"),
@@ -242,7 +269,17 @@ class TestFailures:
     async def test_upstream_down_is_502(self, make_gateway: GatewayFactory) -> None:
         """An upstream refusing connections is 502 upstream-unavailable."""
         dead = f"http://127.0.0.1:{free_port()}"
-        client = await make_gateway(routes=[{"name": "echo", "prefix": "/echo/", "upstream": dead}])
+        client = await make_gateway(
+            routes=[
+                {
+                    "name": "echo",
+                    "prefix": "/echo/",
+                    "upstream": dead,
+                    "auth": "none",
+                    "require_signature": False,
+                }
+            ]
+        )
         await assert_problem(await client.get("/echo/x"), 502, "upstream-unavailable")
 
     async def test_upstream_slow_is_504(self, gateway: Client) -> None:

@@ -171,3 +171,32 @@ class TestPublicApi:
 
     def test_version(self) -> None:
         assert gateway.__all__ == ["__version__"]
+
+
+class TestDecisionSchemaAgreement:
+    @pytest.mark.parametrize(
+        "result",
+        [
+            {"allow": True, "reasons": ["allowed"], "obligations": {}},
+            {"allow": False, "reasons": ["a", "b_2"], "obligations": {"x": [1]}},
+            {"allow": True, "reasons": [], "obligations": {}},
+            {"allow": True, "reasons": ["ok"], "obligations": []},
+            {"allow": 1, "reasons": ["ok"], "obligations": {}},
+            {"allow": True, "reasons": ["9x"], "obligations": {}},
+            {"allow": True, "reasons": ["ok", 3], "obligations": {}},
+            {"allow": True, "reasons": "ok", "obligations": {}},
+            {"allow": True, "reasons": ["ok"], "obligations": {}, "more": 1},
+            {"allow": True, "reasons": ["ok"]},
+            [],
+            None,
+            "allow",
+        ],
+    )
+    def test_fast_check_agrees_with_the_schema(self, result: Any) -> None:
+        """The hand-written check accepts exactly what decision.v1.json accepts."""
+        from gateway.policy.result import is_well_typed
+
+        schema_ok = jsonschema.Draft202012Validator(load_schema("decision.v1.json")).is_valid(
+            result
+        )
+        assert is_well_typed(result) is schema_ok

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+import aiohttp
 from aiohttp import web
 from redis.asyncio import Redis
 
@@ -58,6 +59,8 @@ class PipelineDeps:
     clock: Callable[[], float] = time.time
     #: The audit log's recorder; None when audit.enabled is false.
     audit: AuditRecorder | None = None
+    #: For the gateway's own outbound calls (JWKS); not the proxy's pool.
+    http: aiohttp.ClientSession | None = None
 
 
 StageFactory = Callable[[PipelineDeps], Stage]
@@ -95,6 +98,13 @@ class Pipeline:
             if response is not None:
                 return response
         raise InternalError("the pipeline produced no response")
+
+    async def close(self) -> None:
+        """Release what stages hold (background tasks), last stage first."""
+        for stage in reversed(self.stages):
+            close = getattr(stage, "close", None)
+            if close is not None:
+                await close()
 
 
 def build_pipeline(deps: PipelineDeps) -> Pipeline:

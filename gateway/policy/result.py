@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from functools import cache
 from importlib import resources
 from typing import Any, Final
 
-import jsonschema
-
 from gateway.policy.engine import Decision
 
-__all__ = ["REASON_ILL_TYPED", "REASON_UNDEFINED", "interpret", "load_schema"]
+__all__ = ["REASON_ILL_TYPED", "REASON_UNDEFINED", "interpret", "is_well_typed", "load_schema"]
 
 #: Reasons the gateway itself gives when the policy's answer is unusable.
 REASON_UNDEFINED: Final = "decision_undefined"
@@ -27,12 +26,25 @@ def load_schema(name: str) -> dict[str, Any]:
     return schema
 
 
-@cache
-def _validator() -> jsonschema.protocols.Validator:
-    schema = load_schema("decision.v1.json")
-    cls = jsonschema.validators.validator_for(schema)
-    validator: jsonschema.protocols.Validator = cls(schema)
-    return validator
+_REASON: Final = re.compile(r"^[a-z][a-z0-9_]*$")
+_KEYS: Final = frozenset({"allow", "reasons", "obligations"})
+
+
+def is_well_typed(result: Any) -> bool:
+    """True iff ``result`` satisfies ``schemas/decision.v1.json``.
+
+    Hand-written because it runs on every request and a generic JSON Schema
+    validator costs ~0.2 ms here; a test checks it agrees with the schema.
+    """
+    return (
+        isinstance(result, dict)
+        and result.keys() == _KEYS
+        and isinstance(result["allow"], bool)
+        and isinstance(result["obligations"], dict)
+        and isinstance(result["reasons"], list)
+        and len(result["reasons"]) > 0
+        and all(isinstance(r, str) and _REASON.match(r) for r in result["reasons"])
+    )
 
 
 def interpret(
@@ -49,7 +61,7 @@ def interpret(
     """
     if result is None:
         return Decision(decision_id, False, (REASON_UNDEFINED,), {}, revision, engine_decision_id)
-    if not _validator().is_valid(result):
+    if not is_well_typed(result):
         return Decision(decision_id, False, (REASON_ILL_TYPED,), {}, revision, engine_decision_id)
     assert isinstance(result, Mapping)  # noqa: S101 - guaranteed by the schema
     return Decision(

@@ -1,0 +1,1 @@
+"""Reproducible benchmarks: ratios against a bare proxy measured in the same run."""
