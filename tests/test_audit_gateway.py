@@ -17,6 +17,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.typedefs import Handler
 
 from audit.verify import verify_file, verify_postgres
+from gateway.auditing import audit_settings
+from gateway.config import ConfigError, parse_config
 from gateway.echo import create_echo_app
 from tests.audit_support import read_records, trusted_keys
 from tests.conftest import GatewayFactory, free_port
@@ -309,6 +311,42 @@ class TestUnrecordable:
 
 
 class TestConfig:
+    @pytest.mark.parametrize(
+        ("audit", "dependencies", "key", "message"),
+        [
+            pytest.param({"chain_id": "bad id!"}, {}, "audit.chain_id", "letters", id="chain-id"),
+            pytest.param({"batch_max": 0}, {}, "audit.batch_max", "between", id="batch-max"),
+            pytest.param({"store": "s3"}, {}, "audit.store", "one of", id="store"),
+            pytest.param(
+                {"store": "postgres"}, {}, "audit.dsn", "needs audit.dsn", id="postgres-no-dsn"
+            ),
+            pytest.param({"dsn": "mysql://x/y"}, {}, "audit.dsn", "postgresql://", id="dsn-scheme"),
+            pytest.param(
+                {"checkpoint_every": -1}, {}, "audit.checkpoint_every", "> 0", id="checkpoints"
+            ),
+            pytest.param({"summary_window_s": 0}, {}, "audit.summary_window_s", "> 0", id="window"),
+        ],
+    )
+    def test_bad_audit_config_names_the_key(
+        self, audit: dict[str, Any], dependencies: dict[str, Any], key: str, message: str
+    ) -> None:
+        """check-config names the bad audit key."""
+        with pytest.raises(ConfigError) as caught:
+            parse_config({"version": 1, "audit": audit, "dependencies": dependencies})
+        assert caught.value.key == key
+        assert message in caught.value.message
+
+    def test_postgres_store_takes_the_shared_dsn(self) -> None:
+        """store = "postgres" without audit.dsn uses dependencies.postgres_dsn."""
+        config = parse_config(
+            {
+                "version": 1,
+                "audit": {"store": "postgres"},
+                "dependencies": {"postgres_dsn": "postgresql://u@db/x"},
+            }
+        )
+        assert audit_settings(config).dsn == "postgresql://u@db/x"
+
     async def test_disabled_audit_records_nothing(
         self, make_gateway: GatewayFactory, upstream_seen: Upstream
     ) -> None:
