@@ -3,6 +3,7 @@
     audit verify FILE [--public-key PEM]... [--checkpoints EXPORT] [--json]
     audit verify --dsn DSN --chain ID [--public-key PEM]... [--checkpoints EXPORT] [--json]
     audit checkpoints FILE | --dsn DSN --chain ID [-o OUT]
+    audit schema            (the PostgreSQL tables, for a DBA to create)
 
 Exit status of ``verify``: 0 intact, 1 damaged, 2 usage or read error.
 The DSN may also come from ``$NOPS_AUDIT_DSN`` (keeps a password off the
@@ -53,6 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "verify":
             return _verify(args)
+        if args.command == "schema":
+            from audit.stores.postgres import SCHEMA
+
+            print(SCHEMA.strip())
+            return EXIT_INTACT
         return _export(args)
     except UsageError as exc:
         print(f"audit: {exc}", file=sys.stderr)
@@ -85,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("checkpoints", help="export the signed checkpoints as JSON")
     _source_arguments(export)
     export.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
+    commands.add_parser("schema", help="print the SQL that creates the PostgreSQL tables")
     return parser
 
 

@@ -252,6 +252,32 @@ class TestCheckpoints:
         assert not (tmp_path / "b" / DEFAULT_KEY_NAME).exists()
 
 
+class TestKeyRotation:
+    async def test_rotated_key_verifies_with_both_public_keys(self, tmp_path: Path) -> None:
+        """After a key change the checkpoint chain goes on; verifying needs both keys."""
+        log = await open_log(tmp_path, checkpoint_every=2)
+        for n in range(2):
+            await log.append(entry(n))
+        await log.close()
+        old_keys = trusted_keys(tmp_path)
+        other = tmp_path / "other"
+        await (await open_log(other)).close()  # creates the key in other/
+        new_key = other / DEFAULT_KEY_NAME
+        log = await open_audit_log(
+            settings(tmp_path, checkpoint_every=2, signing_key_file=str(new_key))
+        )
+        for n in range(2, 4):
+            await log.append(entry(n))
+        await log.close()
+        both = {**old_keys, **trusted_keys(other)}
+        report = verify_file(tmp_path / "audit.jsonl", keys=both)
+        assert report.intact, report.damage
+        assert report.checkpoints == 2
+        first = verify_file(tmp_path / "audit.jsonl", keys=old_keys).first
+        assert first is not None
+        assert (first.kind, first.seq) == ("forged-checkpoint", 4)
+
+
 class TestSummaries:
     async def test_one_record_per_window_with_exact_counts(self, tmp_path: Path) -> None:
         """Counts per source and code become one summary record when the window closes."""

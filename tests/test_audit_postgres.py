@@ -121,6 +121,30 @@ class TestPostgresStore:
         finally:
             await conn.close()
 
+    async def test_a_role_with_insert_and_select_only_can_write(
+        self, tmp_path: Path, postgres_server: PostgresService
+    ) -> None:
+        """Once the tables exist the gateway needs no DDL, UPDATE or DELETE rights."""
+        owner = _chain()
+        await (await _open(tmp_path / "owner", postgres_server.dsn, owner)).close()
+        conn = await asyncpg.connect(postgres_server.dsn)
+        try:
+            await conn.execute(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = "
+                "'audit_writer') THEN CREATE ROLE audit_writer LOGIN; END IF; END $$"
+            )
+            await conn.execute(
+                "GRANT SELECT, INSERT ON audit_records, audit_checkpoints TO audit_writer"
+            )
+        finally:
+            await conn.close()
+        dsn = postgres_server.dsn.replace("postgres@", "audit_writer@", 1)
+        chain = _chain()
+        log = await _open(tmp_path, dsn, chain)
+        await log.append(entry())
+        await log.close()
+        assert (await _verify(tmp_path, dsn, chain)).intact
+
     async def test_store_down_at_start_without_spool_refuses(self, tmp_path: Path) -> None:
         """No database and nothing spooled: the head is unknown, so the log does not start."""
         from tests.conftest import free_port

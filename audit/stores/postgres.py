@@ -68,6 +68,11 @@ BEGIN
 END $$;
 """
 
+_SCHEMA_READY: Final = """
+SELECT to_regclass('audit_records') IS NOT NULL
+   AND to_regclass('audit_checkpoints') IS NOT NULL
+   AND EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'audit_records_append_only')
+"""
 _INSERT: Final = """
 INSERT INTO audit_records (chain_id, seq, ts, request_id, tenant, outcome, code, hash, record)
 SELECT $1, * FROM unnest(
@@ -114,9 +119,12 @@ class PostgresStore:
                     command_timeout=self._timeout,
                 )
             async with self._pool.acquire(timeout=self._timeout) as conn:
-                async with conn.transaction():
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)", _DDL_LOCK)
-                    await conn.execute(SCHEMA)
+                # Only create what is missing, so a role with INSERT and SELECT
+                # alone can run the gateway once the tables exist.
+                if not await conn.fetchval(_SCHEMA_READY):
+                    async with conn.transaction():
+                        await conn.execute("SELECT pg_advisory_xact_lock($1)", _DDL_LOCK)
+                        await conn.execute(SCHEMA)
                 line = await conn.fetchval(_HEAD, self.chain_id)
         except _DB_ERRORS as exc:
             raise StoreError(f"postgres: cannot open the audit tables: {_describe(exc)}") from None
