@@ -98,24 +98,19 @@ class AuditLog:
         self._writer: asyncio.Task[None] | None = None
         self._drainer: asyncio.Task[None] | None = None
         self.conflict: ChainConflict | None = None
+        self._last_batch_failed = False
 
     # -- lifecycle -----------------------------------------------------------
 
     async def open(self) -> None:
         """Recover the store (and a spool left by a previous run), then start writing."""
-        if self.spool is not None:
-            await self.spool.open()
         try:
-            await self.store.open()
-        except StoreError:
-            if self.spool is None or not self.spool.pending:
-                raise
-            _log.warning(
-                "audit store unavailable at start; continuing on the spool",
-                extra={"store": self.store.kind},
-            )
-        else:
-            await self._resume_checkpoints()
+            await self._recover()
+        except BaseException:
+            await self.store.close()
+            if self.spool is not None:
+                await self.spool.close()
+            raise
         head = self.head
         _log.info(
             "audit log open",
@@ -129,6 +124,21 @@ class AuditLog:
         self._writer = asyncio.create_task(self._write_loop(), name="audit-writer")
         self._drainer = asyncio.create_task(self._drain_loop(), name="audit-drainer")
         self._drain_wakeup.set()
+
+    async def _recover(self) -> None:
+        if self.spool is not None:
+            await self.spool.open()
+        try:
+            await self.store.open()
+        except StoreError:
+            if self.spool is None or not self.spool.pending:
+                raise
+            _log.warning(
+                "audit store unavailable at start; continuing on the spool",
+                extra={"store": self.store.kind},
+            )
+        else:
+            await self._resume_checkpoints()
 
     async def close(self) -> None:
         """Write what is queued, a final checkpoint, and release the store."""
@@ -160,6 +170,11 @@ class AuditLog:
     @property
     def spooling(self) -> bool:
         return self.spool is not None and self.spool.pending
+
+    @property
+    def healthy(self) -> bool:
+        """False while records cannot be made durable, or the spool cannot drain."""
+        return self._writer is not None and not self._last_batch_failed and self.conflict is None
 
     async def append(self, entry: Entry) -> Record:
         """Queue ``entry``; return its record once it is durable.
@@ -213,6 +228,7 @@ class AuditLog:
             _log.exception("audit writer failed")
             self._fail(batch, "audit writer failed")
             return
+        self._last_batch_failed = False
         self.stats.batches += 1
         self.stats.records += len(records)
         for (_, _, future), record in zip(batch, records, strict=True):
@@ -220,6 +236,7 @@ class AuditLog:
                 future.set_result(record)
 
     def _fail(self, batch: list[_Pending], message: str) -> None:
+        self._last_batch_failed = True
         self.stats.failed_batches += 1
         _log.error("audit batch failed", extra={"records": len(batch), "error": message})
         for _, _, future in batch:

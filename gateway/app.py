@@ -158,6 +158,13 @@ async def _audit(app: web.Application) -> AsyncIterator[None]:
     async with audit_recorder(config, clock=app[_CLOCK]) as recorder:
         app[AUDIT] = recorder
         app[ON_OUTCOME] = recorder.record_outcome
+        log = recorder.log
+
+        async def audit_ok() -> bool:
+            return log.healthy
+
+        # Not ready while decisions cannot be recorded (store and spool failing).
+        app[_READINESS].probes["audit"] = audit_ok
         yield
 
 

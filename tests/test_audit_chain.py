@@ -172,6 +172,8 @@ class TestRecovery:
         write_lines(path, read_lines(path)[:7])
         with pytest.raises(StoreError, match="truncated"):
             await open_log(tmp_path)
+        with pytest.raises(StoreError, match="truncated"):  # and the file lock was released
+            await open_log(tmp_path)
 
     async def test_another_chains_file_refuses_to_open(self, tmp_path: Path) -> None:
         """A file holds one chain: opening it under another chain id fails."""

@@ -297,10 +297,13 @@ class TestUnrecordable:
         try:
             await assert_problem(await client.get("/echo/x"), 503, "audit-unavailable")
             await assert_problem(await client.delete("/readonly/x"), 503, "audit-unavailable")
+            ready = await (await client.get("/_readyz")).json(content_type=None)
+            assert ready["checks"]["audit"] == "unhealthy"
             assert upstream_seen.seen == [("/echo/before", False)]
         finally:
             await asyncio.to_thread(postgres_server.start)
         assert (await client.get("/echo/after")).status == 200
+        assert (await (await client.get("/_readyz")).json())["checks"]["audit"] == "ok"
         await client.close()
         assert [path for path, _ in upstream_seen.seen] == ["/echo/before", "/echo/after"]
         report = await verify_postgres(
