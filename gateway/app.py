@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp import web
 from redis.asyncio import Redis
 
+from gateway.admin import register_admin_routes
 from gateway.auditing import AuditRecorder, audit_recorder
 from gateway.config import Config, PolicyConfig
 from gateway.context import REQUEST_CONTEXT
@@ -28,8 +29,8 @@ from gateway.metrics import Metrics
 from gateway.middleware import ON_OUTCOME, edge_middleware, set_security_headers
 from gateway.pipeline import Pipeline, PipelineDeps, build_pipeline
 from gateway.policy.engine import PolicyEngine
-from gateway.policy.opa import OpaEngine
-from gateway.policy.supervisor import LocalOpa
+from gateway.policy.stack import POLICY_STACK, open_policy_stack
+from gateway.policy.supervisor import LocalBundle, LocalOpa
 from gateway.proxy import ReverseProxy
 
 __all__ = ["AUDIT", "CONFIG", "ENGINE", "METRICS", "PIPELINE", "REDIS", "create_app"]
@@ -79,6 +80,8 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
     app.cleanup_ctx.append(_pipeline)
     app.router.add_get("/health", health)
     app.router.add_get("/_readyz", _readyz)
+    # The admin plane: explicit routes, before the catch-all, outside the pipeline.
+    register_admin_routes(app, config, metrics)
     app.router.add_route("*", "/{tail:.*}", _proxy)
     return app
 
@@ -96,19 +99,22 @@ async def _policy_engine(app: web.Application) -> AsyncIterator[None]:
     local: LocalOpa | None = None
     url = config.policy.url
     if not url:
-        local = LocalOpa(_opa_binary(config.policy), Path(config.policy.bundle_dir))
+        local = LocalOpa(
+            _opa_binary(config.policy),
+            Path(config.policy.bundle_dir),
+            bundle=_bundle(config.policy),
+        )
         await local.start()
         url = local.url
-    engine = OpaEngine(
-        url, decision_path=config.policy.decision_path, timeout_s=config.policy.timeout_s
-    )
-    await engine.start()
-    app[ENGINE] = engine
-    app[_READINESS] = ReadinessChecker.for_config(config.dependencies, engine, app[REDIS])
     try:
-        yield
+        async with open_policy_stack(config.policy, url, app[METRICS]) as stack:
+            app[POLICY_STACK] = stack
+            app[ENGINE] = stack.engine
+            app[_READINESS] = ReadinessChecker.for_config(
+                config.dependencies, stack.engine, app[REDIS]
+            )
+            yield
     finally:
-        await engine.close()
         if local is not None:
             await local.stop()
 
@@ -191,6 +197,17 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await app[PIPELINE].close()
+
+
+def _bundle(policy: PolicyConfig) -> LocalBundle | None:
+    if not policy.bundle_file:
+        return None
+    return LocalBundle(
+        Path(policy.bundle_file),
+        Path(policy.verification_key_file),
+        key_id=policy.verification_key_id,
+        signing_alg=policy.signing_alg,
+    )
 
 
 def _opa_binary(policy: PolicyConfig) -> Path:

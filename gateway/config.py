@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+import limits
 import yarl
 
 __all__ = [
@@ -44,6 +45,8 @@ __all__ = [
     "DEFAULT_REQUIRED_COMPONENTS",
     "ENV_PREFIX",
     "HMAC_ALGORITHMS",
+    "AdminConfig",
+    "AdminKeyConfig",
     "ApiKeyConfig",
     "AuditConfig",
     "Config",
@@ -54,8 +57,13 @@ __all__ = [
     "IssuerConfig",
     "KeyConfig",
     "LoggingConfig",
+    "PolicyCacheConfig",
     "PolicyConfig",
+    "PolicyShadowConfig",
+    "RateLimitConfig",
+    "RateLimitTierConfig",
     "RouteConfig",
+    "RouteRateLimitConfig",
     "ServerConfig",
     "SignatureConfig",
     "TenantConfig",
@@ -125,31 +133,105 @@ class ServerConfig:
         _require(self.shutdown_timeout_s >= 0, f"{key}.shutdown_timeout_s", "must be >= 0")
 
 
+_DECISION_PATH: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*")
+
+
 @dataclass(frozen=True, slots=True)
-class PolicyConfig:
-    engine: Literal["opa"] = "opa"
-    #: Address of an OPA server. Empty: the gateway starts and supervises a
-    #: local ``opa run --server`` loaded from ``bundle_dir``.
+class PolicyCacheConfig:
+    """The decision cache (gateway/policy/cache.py)."""
+
+    enabled: bool = True
+    #: Most decisions held in all, and per tenant (one tenant cannot evict the others).
+    max_entries: int = 10_000
+    max_entries_per_tenant: int = 1_000
+    #: Seconds a cached decision lives, even when the revision does not change.
+    ttl_s: float = 60.0
+    #: Seconds between checks of OPA's bundle revisions; a change empties the
+    #: cache. 0: check before every cached answer.
+    revision_check_s: float = 1.0
+    #: Dotted input paths left out of the cache key (for example
+    #: "source.ip"). Only for fields no policy reads: a policy that reads an
+    #: excluded field would be answered from another request's decision.
+    key_exclude: tuple[str, ...] = ()
+
+    def validate(self, key: str) -> None:
+        _require(self.max_entries > 0, f"{key}.max_entries", "must be > 0")
+        _require(
+            0 < self.max_entries_per_tenant <= self.max_entries,
+            f"{key}.max_entries_per_tenant",
+            "must be > 0 and <= max_entries",
+        )
+        _require(self.ttl_s > 0, f"{key}.ttl_s", "must be > 0")
+        _require(self.revision_check_s >= 0, f"{key}.revision_check_s", "must be >= 0")
+        for index, path in enumerate(self.key_exclude):
+            _require(
+                re.fullmatch(r"[a-z_]+(\.[A-Za-z0-9_-]+)*", path) is not None,
+                f"{key}.key_exclude[{index}]",
+                "must be a dotted input path such as source.ip",
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyShadowConfig:
+    """A candidate policy evaluated beside the enforcing one (gateway/policy/shadow.py)."""
+
+    enabled: bool = False
+    #: Data API path of the candidate decision document.
+    decision_path: str = "nops/authz_candidate/decision"
+    #: OPA server holding the candidate; empty: the enforcing OPA.
     url: str = ""
-    #: The OPA binary used for a supervised local OPA.
-    opa_binary: str = ".tools/bin/opa"
-    #: Rego and data loaded by a supervised local OPA (watched for changes).
-    bundle_dir: str = "policies/rego"
-    #: Data API path of the decision document.
-    decision_path: str = "nops/authz/decision"
-    #: Seconds one decision may take before the request fails closed (503).
+    #: Fraction of requests also sent to the candidate (0..1).
+    sample_rate: float = 1.0
+    #: Seconds the candidate may take; a slower answer counts as an error.
     timeout_s: float = 0.5
 
     def validate(self, key: str) -> None:
         if self.url:
             _require_http_url(self.url, f"{key}.url")
+        _require_decision_path(self.decision_path, f"{key}.decision_path")
+        _require(0 <= self.sample_rate <= 1, f"{key}.sample_rate", "must be between 0 and 1")
         _require(self.timeout_s > 0, f"{key}.timeout_s", "must be > 0")
-        _require(
-            re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*", self.decision_path)
-            is not None,
-            f"{key}.decision_path",
-            "must be a slash-separated Rego reference such as nops/authz/decision",
-        )
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    engine: Literal["opa"] = "opa"
+    #: Address of an OPA server. Empty: the gateway starts and supervises a
+    #: local ``opa run --server`` loaded from ``bundle_file`` or ``bundle_dir``.
+    url: str = ""
+    #: The OPA binary used for a supervised local OPA.
+    opa_binary: str = ".tools/bin/opa"
+    #: Rego and data loaded by a supervised local OPA (watched for changes).
+    bundle_dir: str = "policies/rego"
+    #: A signed bundle (scripts/build-bundle) for the supervised local OPA,
+    #: instead of ``bundle_dir``; watched, so a replaced file takes effect.
+    bundle_file: str = ""
+    #: Public key (PEM) that verifies ``bundle_file``'s signature; required with it.
+    verification_key_file: str = ""
+    #: Key id the bundle was signed under (scripts/build-bundle --keyid).
+    verification_key_id: str = "nops-bundle"
+    signing_alg: Literal["ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256"] = "ES256"
+    #: Data API path of the decision document.
+    decision_path: str = "nops/authz/decision"
+    #: Seconds one decision may take before the request fails closed (503).
+    timeout_s: float = 0.5
+    cache: PolicyCacheConfig = field(default_factory=PolicyCacheConfig)
+    shadow: PolicyShadowConfig = field(default_factory=PolicyShadowConfig)
+
+    def validate(self, key: str) -> None:
+        if self.url:
+            _require_http_url(self.url, f"{key}.url")
+        _require(self.timeout_s > 0, f"{key}.timeout_s", "must be > 0")
+        _require_decision_path(self.decision_path, f"{key}.decision_path")
+        if self.bundle_file:
+            # SECURITY: a bundle is only ever loaded with its signature verified.
+            _require(
+                bool(self.verification_key_file),
+                f"{key}.verification_key_file",
+                "is required with bundle_file (bundles are loaded only when signed)",
+            )
+        self.cache.validate(f"{key}.cache")
+        self.shadow.validate(f"{key}.shadow")
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +313,68 @@ class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: One canonical JSON line per request.
     access_log: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitTierConfig:
+    """Limits for the tenants of one tier; an empty string means no limit at that level."""
+
+    #: Per tenant, across all its agents and routes.
+    tenant: str = "1000/minute"
+    #: Per agent of a tenant, when an earlier stage named the agent.
+    agent: str = "100/second"
+    #: Per tenant and route, for every route without its own ``[ratelimit.routes.<route>]``.
+    route: str = ""
+
+    def validate(self, key: str) -> None:
+        for name in ("tenant", "agent", "route"):
+            _require_rate_limit(getattr(self, name), f"{key}.{name}")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRateLimitConfig:
+    #: Per tenant on this route, whatever the tenant's tier.
+    limit: str
+
+    def validate(self, key: str) -> None:
+        _require(bool(self.limit), f"{key}.limit", "must not be empty")
+        _require_rate_limit(self.limit, f"{key}.limit")
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """The ``ratelimit`` stage; each limit is a ``limits`` string such as ``"100/minute"``."""
+
+    enabled: bool = True
+    strategy: Literal["sliding-window-counter", "moving-window", "fixed-window"] = (
+        "sliding-window-counter"
+    )
+    #: ``auto``: Redis (shared by every node) when ``dependencies.redis_url`` is set, else memory.
+    storage: Literal["auto", "memory", "redis"] = "auto"
+    #: Per client IP (IPv6 per /64) for requests no earlier stage attributed to a tenant.
+    anonymous: str = "100/minute"
+    #: The tier of tenants that name none, or a tier not defined here.
+    default_tier: str = "free"
+    tiers: dict[str, RateLimitTierConfig] = field(
+        default_factory=lambda: {"free": RateLimitTierConfig()}
+    )
+    #: Per-route overrides of the tier's ``route`` limit, keyed by route name.
+    routes: dict[str, RouteRateLimitConfig] = field(default_factory=dict)
+    #: Seconds between attempts to go back to Redis after it failed (memory meanwhile).
+    fallback_retry_s: float = 5.0
+
+    def validate(self, key: str) -> None:
+        _require_rate_limit(self.anonymous, f"{key}.anonymous")
+        for name, tier in self.tiers.items():
+            tier.validate(f"{key}.tiers.{name}")
+        _require(
+            self.default_tier in self.tiers,
+            f"{key}.default_tier",
+            f"tier {self.default_tier!r} is not defined under [{key}.tiers]",
+        )
+        for name, route in self.routes.items():
+            route.validate(f"{key}.routes.{name}")
+        _require(self.fallback_retry_s > 0, f"{key}.fallback_retry_s", "must be > 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -551,6 +695,50 @@ class FreshnessConfig:
         _require(self.memory_max_nonces > 0, f"{key}.memory_max_nonces", "must be > 0")
 
 
+_ADMIN_KEY_ID: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ADMIN_KEY_HASH: Final = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class AdminKeyConfig:
+    """One admin API key: ``Authorization: Bearer <id>.<secret>``.
+
+    Only the SHA-256 of the secret is configured (``hash = "sha256:<hex>"``);
+    ``python -m gateway.admin.keys --role ROLE`` makes a new id, secret and hash.
+    """
+
+    id: str
+    role: Literal["SUPER_ADMIN", "ADMIN", "OPERATOR", "VIEWER"]
+    hash: str
+
+    def validate(self, key: str) -> None:
+        _require(
+            _ADMIN_KEY_ID.fullmatch(self.id) is not None,
+            f"{key}.id",
+            "must be 1-64 letters, digits, '_' or '-' (no '.')",
+        )
+        _require(
+            _ADMIN_KEY_HASH.fullmatch(self.hash) is not None,
+            f"{key}.hash",
+            'must be "sha256:" and 64 lower-case hex digits',
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The admin plane under /_admin/ (gateway/admin), guarded by casbin RBAC."""
+
+    enabled: bool = True
+    keys: tuple[AdminKeyConfig, ...] = ()
+
+    def validate(self, key: str) -> None:
+        ids: set[str] = set()
+        for index, admin_key in enumerate(self.keys):
+            admin_key.validate(f"{key}.keys[{index}]")
+            _require(admin_key.id not in ids, f"{key}.keys[{index}].id", "duplicate key id")
+            ids.add(admin_key.id)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     version: int = CONFIG_VERSION
@@ -561,10 +749,12 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     signature: SignatureConfig = field(default_factory=SignatureConfig)
     freshness: FreshnessConfig = field(default_factory=FreshnessConfig)
+    ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     routes: tuple[RouteConfig, ...] = ()
     tenants: tuple[TenantConfig, ...] = ()
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     api_keys: tuple[ApiKeyConfig, ...] = ()
+    admin: AdminConfig = field(default_factory=AdminConfig)
 
     def validate(self) -> None:
         _require(
@@ -582,6 +772,7 @@ class Config:
             "audit.dsn",
             "the postgres store needs audit.dsn or dependencies.postgres_dsn",
         )
+        self.admin.validate("admin")
         names: set[str] = set()
         prefixes: set[str] = set()
         for index, route in enumerate(self.routes):
@@ -603,6 +794,14 @@ class Config:
             self.freshness.nonce_store != "redis" or bool(self.dependencies.redis_url),
             "freshness.nonce_store",
             "redis needs dependencies.redis_url",
+        )
+        self.ratelimit.validate("ratelimit")
+        for name in self.ratelimit.routes:
+            _require(name in names, f"ratelimit.routes.{name}", f"no route is named {name!r}")
+        _require(
+            self.ratelimit.storage != "redis" or bool(self.dependencies.redis_url),
+            "ratelimit.storage",
+            "'redis' needs dependencies.redis_url",
         )
         self._validate_tenants()
 
@@ -742,6 +941,26 @@ def _join(prefix: str, key: str) -> str:
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(key, message)
+
+
+def _require_decision_path(value: str, key: str) -> None:
+    _require(
+        _DECISION_PATH.fullmatch(value) is not None,
+        key,
+        "must be a slash-separated Rego reference such as nops/authz/decision",
+    )
+
+
+def _require_rate_limit(value: str, key: str) -> None:
+    """Empty (no limit) or exactly one ``limits`` rate such as ``100/minute``."""
+    if not value:
+        return
+    try:
+        items = limits.parse_many(value)
+    except ValueError:
+        raise ConfigError(key, f"{value!r} is not a rate limit such as '100/minute'") from None
+    _require(len(items) == 1, key, "must be one rate limit such as '100/minute', not several")
+    _require(items[0].amount > 0, key, "must allow at least one request per window")
 
 
 def _rfc3339(value: str, key: str) -> datetime.datetime | None:

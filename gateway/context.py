@@ -53,6 +53,9 @@ class RequestContext:
     #: Sequence number of this request's audit record, once durable.
     audit_seq: int | None = None
     upstream_status: int | None = None
+    #: Header fields a stage wants on the response, whichever it is (proxied or
+    #: problem); appended by the edge's ``on_response_prepare`` hook.
+    response_headers: dict[str, str] = field(default_factory=dict)
 
 
 #: Request-scoped key under which the middleware stores the context.

@@ -17,6 +17,9 @@ turned into RFC 9457 problem+json only at the HTTP edge
      ├── MethodNotAllowed          405 method-not-allowed
      ├── ReplayedNonce             409 replayed-nonce
      ├── PayloadTooLarge           413 payload-too-large
+     ├── AdminUnauthenticated      401 admin-unauthenticated
+     ├── AdminForbidden            403 admin-forbidden
+     ├── RateLimited               429 rate-limited         (carries reasons, retry_after)
      ├── InsufficientScope         403 insufficient-scope   (carries reasons)
      ├── TenantMismatch            403 tenant-mismatch
      ├── PolicyDenied              403 policy-denied        (carries reasons)
@@ -37,6 +40,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 __all__ = [
+    "AdminForbidden",
+    "AdminUnauthenticated",
     "AuditUnavailable",
     "BadSignature",
     "DependencyUnavailable",
@@ -53,6 +58,7 @@ __all__ = [
     "PayloadTooLarge",
     "PolicyDenied",
     "PolicyUnavailable",
+    "RateLimited",
     "ReplayedNonce",
     "StaleRequest",
     "TenantMismatch",
@@ -165,6 +171,26 @@ class PayloadTooLarge(GatewayError):
     code = "payload-too-large"
     status = 413
     title = "Request body too large"
+
+
+class AdminUnauthenticated(GatewayError):
+    code = "admin-unauthenticated"
+    status = 401
+    title = "Admin API key missing or invalid"
+
+
+class AdminForbidden(GatewayError):
+    code = "admin-forbidden"
+    status = 403
+    title = "The admin role does not permit this action"
+
+
+class RateLimited(GatewayError):
+    """A quota is used up; reasons: tenant_limit, agent_limit, route_limit, anonymous_limit."""
+
+    code = "rate-limited"
+    status = 429
+    title = "Too many requests"
 
 
 class PolicyDenied(GatewayError):

@@ -183,28 +183,29 @@ class TestBearerTokens:
     @pytest.mark.parametrize(
         ("alg", "claims"),
         [
-            pytest.param("RS256", {}, id="rs256"),
-            pytest.param("ES256", {}, id="es256"),
-            pytest.param("EdDSA", {}, id="eddsa"),
-            pytest.param("RS256", {"scope": ["locked:read"]}, id="scope-as-list"),
-            # Times are computed when the test runs, not at collection (the suite takes > 30 s).
-            pytest.param("RS256", {"exp": lambda: _now() - 10}, id="exp-within-leeway"),
+            pytest.param("RS256", lambda: {}, id="rs256"),
+            pytest.param("ES256", lambda: {}, id="es256"),
+            pytest.param("EdDSA", lambda: {}, id="eddsa"),
+            pytest.param("RS256", lambda: {"scope": ["locked:read"]}, id="scope-as-list"),
+            # Times are taken when the test runs, not when it is collected.
+            pytest.param("RS256", lambda: {"exp": _now() - 10}, id="exp-within-leeway"),
             pytest.param(
-                "RS256",
-                {"nbf": lambda: _now() + 10, "iat": lambda: _now() + 10},
-                id="future-in-leeway",
+                "RS256", lambda: {"nbf": _now() + 10, "iat": _now() + 10}, id="future-in-leeway"
             ),
-            pytest.param("RS256", {"aud": ["x", AUDIENCE]}, id="audience-in-list"),
+            pytest.param("RS256", lambda: {"aud": ["x", AUDIENCE]}, id="audience-in-list"),
         ],
     )
     async def test_valid_token_reaches_the_upstream(
-        self, jwt_gateway: Client, jwt_issuer: FakeIssuer, alg: str, claims: dict[str, Any]
+        self,
+        jwt_gateway: Client,
+        jwt_issuer: FakeIssuer,
+        alg: str,
+        claims: Callable[[], dict[str, Any]],
     ) -> None:
         """A good RS256, ES256 or EdDSA token passes identity and OPA and is proxied."""
         key = jwt_issuer.add_key(alg)
-        claims = {name: value() if callable(value) else value for name, value in claims.items()}
         response = await jwt_gateway.get(
-            "/locked/x", headers=bearer(jwt_issuer.token(key, **claims))
+            "/locked/x", headers=bearer(jwt_issuer.token(key, **claims()))
         )
         assert response.status == 200
         assert (await response.json())["path"] == "/locked/x"
