@@ -173,12 +173,20 @@ class Record:
     entry: Entry
     prev_hash: str
     hash: str
+    #: The stored line, when sealing already produced it (not part of equality).
+    line: bytes = field(default=b"", compare=False, repr=False)
 
     @classmethod
     def seal(cls, entry: Entry, *, seq: int, chain_id: str, ts: str, prev_hash: str) -> Record:
-        """Place ``entry`` after ``prev_hash`` and compute its hash."""
+        """Place ``entry`` after ``prev_hash``, compute its hash and its stored line."""
         document = _document(entry, seq=seq, chain_id=chain_id, ts=ts, prev_hash=prev_hash)
-        return cls(seq, chain_id, ts, entry, prev_hash, record_hash(document))
+        if not _orjson_is_canonical(document):
+            return cls(seq, chain_id, ts, entry, prev_hash, record_hash(document))
+        # The common case, checked once: both serialisations take the fast path.
+        digest = hashlib.sha256(DOMAIN + orjson.dumps(document, option=orjson.OPT_SORT_KEYS))
+        document["hash"] = digest.hexdigest()
+        line = orjson.dumps(document, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE)
+        return cls(seq, chain_id, ts, entry, prev_hash, document["hash"], line)
 
     def to_document(self) -> dict[str, Any]:
         """The stored form, ``hash`` included."""
@@ -190,7 +198,7 @@ class Record:
 
     def to_line(self) -> bytes:
         """One JSONL line: the canonical JSON of the stored form and a newline."""
-        return canonical(self.to_document()) + b"\n"
+        return self.line or canonical(self.to_document()) + b"\n"
 
     @classmethod
     def from_document(cls, document: Mapping[str, Any]) -> Record:

@@ -94,6 +94,27 @@ class TestHashes:
         assert record.hash != hashlib.sha256(rfc8785.dumps(body)).hexdigest()
         assert record_hash(document) == record.hash
 
+    @pytest.mark.parametrize(
+        "changes",
+        [
+            pytest.param({}, id="fast-path"),
+            pytest.param({"tenant": "\U0001f600"}, id="astral-value"),
+            pytest.param({"counts": {"\U0001f600|x": 1, "\uffff|x": 2}}, id="astral-keys"),
+        ],
+    )
+    def test_sealed_line_is_the_canonical_stored_form(self, changes: dict[str, Any]) -> None:
+        """The line written to disk is JCS of the document, hash included, plus a newline."""
+        sealed = Record.seal(
+            entry(**({"outcome": "summary"} if "counts" in changes else {}), **changes),
+            seq=1,
+            chain_id="c",
+            ts="t",
+            prev_hash="p",
+        )
+        document = sealed.to_document()
+        assert sealed.to_line() == rfc8785.dumps(document) + b"\n"
+        assert record_hash(document) == sealed.hash
+
     def test_every_field_is_covered(self) -> None:
         """Changing, adding or removing any member changes the hash."""
         document = Record.seal(
