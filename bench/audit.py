@@ -208,8 +208,10 @@ def _gateway(args: argparse.Namespace) -> dict[str, Any]:
                 ),
             )
             wait_http(f"http://127.0.0.1:{port}/health")
-        for _ in range(args.gateway_rounds):
-            for name, (port, process) in gateways.items():
+        for round_ in range(args.gateway_rounds):
+            # Alternate which configuration goes first, so neither always runs warm.
+            order = list(gateways.items())
+            for name, (port, process) in order if round_ % 2 == 0 else order[::-1]:
                 runs[name].append(
                     run_wrk(
                         f"http://127.0.0.1:{port}{path}",
