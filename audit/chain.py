@@ -210,7 +210,10 @@ class AuditLog:
                 batch = self._pending[: self._batch_max]
                 del self._pending[: self._batch_max]
                 await self._commit(batch)
-            await self._checkpoint()
+            try:
+                await self._checkpoint()
+            except Exception:  # noqa: BLE001 - never let a checkpoint stop the writer
+                _log.exception("audit checkpoint failed")
             if self._closing and not self._pending:
                 return
 
