@@ -578,6 +578,10 @@ class KeyConfig:
     #: RFC 3339 date-times with an offset; empty: unbounded.
     not_before: str = ""
     not_after: str = ""
+    #: The agent this key belongs to; empty: a tenant-wide key. A request
+    #: signed with an agent's key is that agent's: its per-agent quota is
+    #: taken before identity, and a credential naming another agent is refused.
+    agent_id: str = ""
 
     def validate(self, key: str) -> None:
         _require(
@@ -585,6 +589,12 @@ class KeyConfig:
             f"{key}.keyid",
             "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
         )
+        if self.agent_id:
+            _require(
+                _IDENTIFIER.fullmatch(self.agent_id) is not None,
+                f"{key}.agent_id",
+                "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            )
         sources = [n for n in ("secret", "secret_env", "secret_file") if getattr(self, n)]
         _require(
             len(sources) == 1,

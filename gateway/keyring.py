@@ -48,6 +48,8 @@ class SigningKey:
     not_before: float | None = None
     not_after: float | None = None
     grace_s: int = 0
+    #: The agent the key belongs to, or None for a tenant-wide key.
+    agent_id: str | None = None
 
     def state(self, now: float) -> KeyState:
         if self.not_before is not None and now < self.not_before:
@@ -87,6 +89,7 @@ def build_keyring(config: Config, environ: Mapping[str, str] | None = None) -> K
                 not_before=rfc3339_timestamp(item.not_before),
                 not_after=rfc3339_timestamp(item.not_after),
                 grace_s=grace,
+                agent_id=item.agent_id or None,
             )
     return Keyring(keys)
 

@@ -12,15 +12,13 @@ import os
 import shutil
 import subprocess
 import tarfile
-import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import POLICY_DIR, ROOT, TOOLS_BIN
+from tests.conftest import POLICY_DIR, ROOT, TOOLS_BIN, wait_healthy
 
 __all__ = [
     "KeyPair",
@@ -130,18 +128,3 @@ def copy_policies(directory: Path) -> Path:
     target = directory / "rego"
     shutil.copytree(POLICY_DIR, target)
     return target
-
-
-def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"OPA exited with status {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.05)
-    process.terminate()
-    raise RuntimeError("OPA did not become healthy")

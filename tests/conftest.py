@@ -49,6 +49,22 @@ def free_port() -> int:
         return port
 
 
+def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
+    """Wait until the OPA at ``url`` answers /health; RuntimeError if it exits or times out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"OPA exited with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    process.terminate()
+    raise RuntimeError("OPA did not become healthy")
+
+
 class OpaProcess:
     """A real ``opa run --server`` the tests can stop and start again."""
 
@@ -78,16 +94,11 @@ class OpaProcess:
             ],
             stdout=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        pytest.fail("OPA did not become healthy")
+        try:
+            wait_healthy(self.url, self.process)
+        except RuntimeError as exc:
+            self.stop()
+            pytest.fail(str(exc))
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -150,6 +161,7 @@ async def upstream() -> AsyncIterator[TestServer]:
 ACME_SECRET = bytes(range(1, 33))
 ACME_OLD_SECRET = bytes(range(101, 133))
 GLOBEX_SECRET = bytes(range(201, 233))
+AGENT_A1_SECRET = bytes(range(51, 83))
 
 
 def _b64(secret: bytes) -> str:
@@ -163,6 +175,7 @@ TEST_TENANTS: list[dict[str, Any]] = [
         "keys": [
             {"keyid": "acme-k1", "secret": _b64(ACME_SECRET)},
             {"keyid": "acme-k0", "secret": _b64(ACME_OLD_SECRET)},
+            {"keyid": "acme-agent-a1", "secret": _b64(AGENT_A1_SECRET), "agent_id": "a1"},
         ],
     },
     {
@@ -175,6 +188,7 @@ TEST_SECRETS: dict[str, bytes] = {
     "acme-k1": ACME_SECRET,
     "acme-k0": ACME_OLD_SECRET,
     "globex-k1": GLOBEX_SECRET,
+    "acme-agent-a1": AGENT_A1_SECRET,
 }
 
 

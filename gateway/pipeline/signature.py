@@ -130,6 +130,9 @@ class SignatureStage:
             self._check_digest(request.headers.getall(CONTENT_DIGEST, []), body)
         ctx.body = body
         ctx.tenant = Tenant(key.tenant_id, key.tier)
+        if key.agent_id is not None:
+            # The key proves the agent: per-agent quotas apply from here on.
+            ctx.subject.agent_id = key.agent_id
         ctx.signature = {
             "keyid": key.keyid,
             "alg": key.alg,
