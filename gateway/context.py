@@ -48,6 +48,10 @@ class RequestContext:
     #: digest); the proxy then sends these bytes instead of streaming.
     body: bytes | None = None
     decision: Decision | None = None
+    #: The policy input document the decision stage sent (for the audit digest).
+    policy_input: dict[str, Any] | None = None
+    #: Sequence number of this request's audit record, once durable.
+    audit_seq: int | None = None
     upstream_status: int | None = None
     #: Header fields a stage wants on the response, whichever it is (proxied or
     #: problem); appended by the edge's ``on_response_prepare`` hook.

@@ -25,6 +25,7 @@ turned into RFC 9457 problem+json only at the HTTP edge
      ├── PolicyDenied              403 policy-denied        (carries reasons)
      ├── PolicyUnavailable         503 policy-unavailable
      ├── DependencyUnavailable     503 dependency-unavailable
+     ├── AuditUnavailable          503 audit-unavailable    (no durable record: not forwarded)
      ├── UpstreamUnavailable       502 upstream-unavailable
      ├── UpstreamTimeout           504 upstream-timeout
      └── InternalError             500 internal-error
@@ -41,6 +42,7 @@ from typing import Any, ClassVar
 __all__ = [
     "AdminForbidden",
     "AdminUnauthenticated",
+    "AuditUnavailable",
     "BadSignature",
     "DependencyUnavailable",
     "GatewayError",
@@ -207,6 +209,12 @@ class DependencyUnavailable(GatewayError):
     code = "dependency-unavailable"
     status = 503
     title = "A dependency is unavailable"
+
+
+class AuditUnavailable(GatewayError):
+    code = "audit-unavailable"
+    status = 503
+    title = "Audit log unavailable"
 
 
 class UpstreamUnavailable(GatewayError):
