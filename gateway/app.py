@@ -1,9 +1,10 @@
 """The aiohttp application factory.
 
-Resources are created and closed in ``cleanup_ctx`` (in order: the policy
-engine, the upstream client session, the gateway's own outbound session, the
-pipeline), so a graceful shutdown lets in-flight requests finish before
-anything they use is closed.
+Resources are created and closed in ``cleanup_ctx`` (in order: Redis, the
+policy engine, the upstream client session, the gateway's own outbound
+session, the audit log, the pipeline), so a graceful shutdown lets in-flight
+requests finish before anything they use is closed; the audit log then writes
+its summaries and a final checkpoint.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Final
 
@@ -19,18 +20,20 @@ import aiohttp
 from aiohttp import web
 from redis.asyncio import Redis
 
+from gateway.admin import register_admin_routes
+from gateway.auditing import AuditRecorder, audit_recorder
 from gateway.config import Config, PolicyConfig
 from gateway.context import REQUEST_CONTEXT
 from gateway.health import ReadinessChecker, health
 from gateway.metrics import Metrics
-from gateway.middleware import edge_middleware, set_security_headers
+from gateway.middleware import ON_OUTCOME, edge_middleware, set_security_headers
 from gateway.pipeline import Pipeline, PipelineDeps, build_pipeline
 from gateway.policy.engine import PolicyEngine
-from gateway.policy.opa import OpaEngine
-from gateway.policy.supervisor import LocalOpa
+from gateway.policy.stack import POLICY_STACK, open_policy_stack
+from gateway.policy.supervisor import LocalBundle, LocalOpa
 from gateway.proxy import ReverseProxy
 
-__all__ = ["CONFIG", "ENGINE", "METRICS", "PIPELINE", "REDIS", "create_app"]
+__all__ = ["AUDIT", "CONFIG", "ENGINE", "METRICS", "PIPELINE", "REDIS", "create_app"]
 
 _log = logging.getLogger("gateway.app")
 
@@ -40,14 +43,20 @@ PIPELINE: Final = web.AppKey("pipeline", Pipeline)
 METRICS: Final = web.AppKey("metrics", Metrics)
 #: The shared Redis client, or None on a single node without Redis.
 REDIS: Final[web.AppKey[Redis | None]] = web.AppKey("redis")
+#: The audit recorder, or None when audit.enabled is false.
+AUDIT: Final[web.AppKey[AuditRecorder | None]] = web.AppKey("audit")
 _HTTP: Final = web.AppKey("http_session", aiohttp.ClientSession)
 #: The gateway's own outbound calls (JWKS): no cookies, apart from the proxy's pool.
 _OUTBOUND: Final = web.AppKey("outbound_session", aiohttp.ClientSession)
 _READINESS: Final = web.AppKey("readiness", ReadinessChecker)
+_CLOCK: Final[web.AppKey[Callable[[], float]]] = web.AppKey("clock")
 
 
-def create_app(config: Config) -> web.Application:
-    """Build the gateway application for ``config``; nothing starts until it runs."""
+def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
+    """Build the gateway application for ``config``; nothing starts until it runs.
+
+    ``clock`` (wall-clock seconds) is what the pipeline judges time by; tests pin it.
+    """
     metrics = Metrics()
     app = web.Application(
         middlewares=[
@@ -61,14 +70,18 @@ def create_app(config: Config) -> web.Application:
     )
     app[CONFIG] = config
     app[METRICS] = metrics
+    app[_CLOCK] = clock
     app.on_response_prepare.append(set_security_headers)
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_policy_engine)
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_outbound_session)
+    app.cleanup_ctx.append(_audit)
     app.cleanup_ctx.append(_pipeline)
     app.router.add_get("/health", health)
     app.router.add_get("/_readyz", _readyz)
+    # The admin plane: explicit routes, before the catch-all, outside the pipeline.
+    register_admin_routes(app, config, metrics)
     app.router.add_route("*", "/{tail:.*}", _proxy)
     return app
 
@@ -86,19 +99,22 @@ async def _policy_engine(app: web.Application) -> AsyncIterator[None]:
     local: LocalOpa | None = None
     url = config.policy.url
     if not url:
-        local = LocalOpa(_opa_binary(config.policy), Path(config.policy.bundle_dir))
+        local = LocalOpa(
+            _opa_binary(config.policy),
+            Path(config.policy.bundle_dir),
+            bundle=_bundle(config.policy),
+        )
         await local.start()
         url = local.url
-    engine = OpaEngine(
-        url, decision_path=config.policy.decision_path, timeout_s=config.policy.timeout_s
-    )
-    await engine.start()
-    app[ENGINE] = engine
-    app[_READINESS] = ReadinessChecker.for_config(config.dependencies, engine, app[REDIS])
     try:
-        yield
+        async with open_policy_stack(config.policy, url, app[METRICS]) as stack:
+            app[POLICY_STACK] = stack
+            app[ENGINE] = stack.engine
+            app[_READINESS] = ReadinessChecker.for_config(
+                config.dependencies, stack.engine, app[REDIS]
+            )
+            yield
     finally:
-        await engine.close()
         if local is not None:
             await local.stop()
 
@@ -138,6 +154,26 @@ async def _outbound_session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _audit(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    if not config.audit.enabled:
+        _log.warning("audit log disabled: decisions are not recorded")
+        app[AUDIT] = None
+        yield
+        return
+    async with audit_recorder(config, clock=app[_CLOCK]) as recorder:
+        app[AUDIT] = recorder
+        app[ON_OUTCOME] = recorder.record_outcome
+        log = recorder.log
+
+        async def audit_ok() -> bool:
+            return log.healthy
+
+        # Not ready while decisions cannot be recorded (store and spool failing).
+        app[_READINESS].probes["audit"] = audit_ok
+        yield
+
+
 async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     proxy = ReverseProxy(
@@ -152,14 +188,26 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
             proxy=proxy,
             redis=app[REDIS],
             metrics=app[METRICS],
-            clock=time.time,
+            clock=app[_CLOCK],
             http=app[_OUTBOUND],
+            audit=app[AUDIT],
         )
     )
     try:
         yield
     finally:
         await app[PIPELINE].close()
+
+
+def _bundle(policy: PolicyConfig) -> LocalBundle | None:
+    if not policy.bundle_file:
+        return None
+    return LocalBundle(
+        Path(policy.bundle_file),
+        Path(policy.verification_key_file),
+        key_id=policy.verification_key_id,
+        signing_alg=policy.signing_alg,
+    )
 
 
 def _opa_binary(policy: PolicyConfig) -> Path:

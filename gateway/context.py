@@ -44,8 +44,18 @@ class RequestContext:
     subject: Subject = field(default_factory=Subject)
     #: Signature parameters once the signature stage verified them.
     signature: dict[str, Any] = field(default_factory=dict)
+    #: The request body when a stage had to read it whole (to check its
+    #: digest); the proxy then sends these bytes instead of streaming.
+    body: bytes | None = None
     decision: Decision | None = None
+    #: The policy input document the decision stage sent (for the audit digest).
+    policy_input: dict[str, Any] | None = None
+    #: Sequence number of this request's audit record, once durable.
+    audit_seq: int | None = None
     upstream_status: int | None = None
+    #: Header fields a stage wants on the response, whichever it is (proxied or
+    #: problem); appended by the edge's ``on_response_prepare`` hook.
+    response_headers: dict[str, str] = field(default_factory=dict)
 
 
 #: Request-scoped key under which the middleware stores the context.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -20,25 +21,30 @@ GLOBEX = {"Authorization": f"ApiKey globex-agent.{SECRET}"}
 EVENT = {"type": "agent.registered", "payload": {"agent": "a1"}}
 
 
+API_KEYS = [
+    {"id": "acme-agent", "tenant": "acme", "hash": hash_secret(SECRET)},
+    {"id": "globex-agent", "tenant": "globex", "hash": hash_secret(SECRET)},
+]
+
+
+def _bus_route(bus_http: Client, *, require_signature: bool) -> dict[str, Any]:
+    """The ``bus`` route of config/gateway.toml, leading to the test bus."""
+    return {
+        "name": "bus",
+        "prefix": "/bus/",
+        "upstream": str(bus_http.make_url("")).rstrip("/"),
+        "strip_prefix": True,
+        "auth": "jwt_or_api_key",
+        "require_signature": require_signature,
+        "timeout_s": 10.0,
+    }
+
+
 @pytest.fixture
 async def gateway_to_bus(make_gateway: GatewayFactory, bus_http: Client) -> Client:
-    """A gateway whose ``bus`` route (as in config/gateway.toml) leads to a real bus."""
-    bus_url = str(bus_http.make_url("")).rstrip("/")
+    """A gateway configured like the demo: a credential, no signature required."""
     return await make_gateway(
-        routes=[
-            {
-                "name": "bus",
-                "prefix": "/bus/",
-                "upstream": bus_url,
-                "strip_prefix": True,
-                "auth": "jwt_or_api_key",
-                "timeout_s": 10.0,
-            }
-        ],
-        api_keys=[
-            {"id": "acme-agent", "tenant": "acme", "hash": hash_secret(SECRET)},
-            {"id": "globex-agent", "tenant": "globex", "hash": hash_secret(SECRET)},
-        ],
+        routes=[_bus_route(bus_http, require_signature=False)], api_keys=API_KEYS
     )
 
 
@@ -117,3 +123,51 @@ class TestThroughTheGateway:
         )
         assert await response.json() == {"messages": []}
         assert 0.9 <= time.monotonic() - started < 3
+
+
+class TestSignedBusRoute:
+    """The production setting: the bus route keeps require_signature on."""
+
+    async def test_signed_request_reaches_the_bus_as_the_signing_tenant(
+        self, make_gateway: GatewayFactory, bus_http: Client
+    ) -> None:
+        """Signed by acme's key with acme's API key: published into acme's topic."""
+        gateway = await make_gateway(
+            routes=[_bus_route(bus_http, require_signature=True)],
+            api_keys=API_KEYS,
+            sign_as="acme-k1",
+        )
+        response = await gateway.post(
+            "/bus/topics/signed/messages", data=orjson.dumps(EVENT), headers=ACME
+        )
+        assert response.status == 201, await response.text()
+        published = await response.json()
+        consumed = await bus_http.get(
+            f"/topics/signed/subscriptions/{_group()}/messages?consumer=c&max=50",
+            headers=as_tenant("acme"),
+        )
+        assert published["id"] in [m["id"] for m in (await consumed.json())["messages"]]
+
+    async def test_unsigned_request_is_refused(
+        self, make_gateway: GatewayFactory, bus_http: Client
+    ) -> None:
+        """Without a signature the gateway answers 401 before the bus sees anything."""
+        gateway = await make_gateway(
+            routes=[_bus_route(bus_http, require_signature=True)], api_keys=API_KEYS
+        )
+        response = await gateway.post("/bus/topics/signed/messages", json=EVENT, headers=ACME)
+        await assert_problem(response, 401, "missing-signature")
+
+    async def test_key_of_another_tenant_than_the_signer_is_refused(
+        self, make_gateway: GatewayFactory, bus_http: Client
+    ) -> None:
+        """Signed by globex, credential of acme: 403 tenant-mismatch, nothing published."""
+        gateway = await make_gateway(
+            routes=[_bus_route(bus_http, require_signature=True)],
+            api_keys=API_KEYS,
+            sign_as="globex-k1",
+        )
+        response = await gateway.post(
+            "/bus/topics/signed/messages", data=orjson.dumps(EVENT), headers=ACME
+        )
+        await assert_problem(response, 403, "tenant-mismatch")
