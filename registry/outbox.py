@@ -257,6 +257,10 @@ class OutboxRelay:
             utc(now) + timedelta(seconds=delay),
         )
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="registry-outbox-relay")

@@ -117,6 +117,10 @@ class Sweeper:
             _log.info("agent statuses swept", extra={"moved": moved})
         return moved
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="registry-sweeper")
