@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from gateway.agents import AgentTarget
     from gateway.config import RouteConfig
     from gateway.policy.engine import Decision
 
@@ -46,6 +47,8 @@ class RequestContext:
     signature: dict[str, Any] = field(default_factory=dict)
     decision: Decision | None = None
     upstream_status: int | None = None
+    #: On an agent route: the agent or capability the path names (set by intake).
+    agent_target: AgentTarget | None = None
 
 
 #: Request-scoped key under which the middleware stores the context.

@@ -10,6 +10,7 @@ turned into RFC 9457 problem+json only at the HTTP edge
      ├── MissingCredentials        401 missing-credentials  (carries reasons)
      ├── InvalidToken              401 invalid-token        (carries reasons)
      ├── NoRoute                   404 no-route
+     ├── AgentNotFound             404 agent-not-found
      ├── MethodNotAllowed          405 method-not-allowed
      ├── PayloadTooLarge           413 payload-too-large
      ├── InsufficientScope         403 insufficient-scope   (carries reasons)
@@ -17,6 +18,7 @@ turned into RFC 9457 problem+json only at the HTTP edge
      ├── PolicyDenied              403 policy-denied        (carries reasons)
      ├── PolicyUnavailable         503 policy-unavailable
      ├── DependencyUnavailable     503 dependency-unavailable
+     ├── AgentUnavailable          503 agent-unavailable    (carries reasons)
      ├── UpstreamUnavailable       502 upstream-unavailable
      ├── UpstreamTimeout           504 upstream-timeout
      └── InternalError             500 internal-error
@@ -31,6 +33,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 __all__ = [
+    "AgentNotFound",
+    "AgentUnavailable",
     "DependencyUnavailable",
     "GatewayError",
     "InsufficientScope",
@@ -113,6 +117,14 @@ class NoRoute(GatewayError):
     title = "No route matches this request"
 
 
+class AgentNotFound(GatewayError):
+    """The tenant has no agent with the id in the path (per the registry)."""
+
+    code = "agent-not-found"
+    status = 404
+    title = "No such agent"
+
+
 class MethodNotAllowed(GatewayError):
     code = "method-not-allowed"
     status = 405
@@ -141,6 +153,14 @@ class DependencyUnavailable(GatewayError):
     code = "dependency-unavailable"
     status = 503
     title = "A dependency is unavailable"
+
+
+class AgentUnavailable(GatewayError):
+    """No agent can take the request: stale or zombie, none healthy, or circuits open."""
+
+    code = "agent-unavailable"
+    status = 503
+    title = "No agent available"
 
 
 class UpstreamUnavailable(GatewayError):
