@@ -211,12 +211,17 @@ class HttpAgentDirectory:
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as response:
-                raw = await response.content.read(_MAX_ANSWER_BYTES + 1)
                 status = response.status
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    size += len(chunk)
+                    if size > _MAX_ANSWER_BYTES:
+                        raise RegistryUnavailable("registry_answer_too_large")
+                    chunks.append(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise RegistryUnavailable(f"registry_{type(exc).__name__}") from None
-        if len(raw) > _MAX_ANSWER_BYTES:
-            raise RegistryUnavailable("registry_answer_too_large")
+        raw = b"".join(chunks)
         try:
             body = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
