@@ -65,12 +65,13 @@ def _setup_logging(level: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dsn", default=os.environ.get(DSN_ENV, ""), help=f"or ${DSN_ENV}")
+    common.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"))
     parser = argparse.ArgumentParser(prog="python -m registry", description=__doc__.split("\n")[0])
-    parser.add_argument("--dsn", default=os.environ.get(DSN_ENV, ""), help=f"or ${DSN_ENV}")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"))
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="serve the HTTP API")
+    serve = commands.add_parser("serve", parents=[common], help="serve the HTTP API")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8083)
     serve.add_argument("--stale-after", type=float, default=15.0, help="seconds (default 15)")
@@ -83,7 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("--admin-key-file", type=Path, help="file holding the admin key")
     serve.add_argument("--no-migrate", action="store_true", help="do not migrate at start")
 
-    migrate = commands.add_parser("migrate", help="apply or roll back schema migrations")
+    migrate = commands.add_parser(
+        "migrate", parents=[common], help="apply or roll back schema migrations"
+    )
     migrate.add_argument("direction", choices=("up", "down", "status"))
     migrate.add_argument("steps", nargs="?", type=int, help="how many (up: default all)")
     return parser

@@ -3,7 +3,7 @@
 =======  =============================  ==============================================
 method   path                           what
 =======  =============================  ==============================================
-POST     /agents                        register (201, ``Location``); 409 if the id is taken
+POST     /agents                        register (201, relative ``Location``); 409 if taken
 GET      /agents                        list: ``capability``, ``status``, ``limit``, ``cursor``
 GET      /agents/{id}                   one agent; 404 if unknown
 PATCH    /agents/{id}                   change name, version, capabilities, endpoint_url,
@@ -195,7 +195,9 @@ async def _register(request: web.Request) -> web.Response:
     tenant = _tenant(request)
     spec = parse_registration(await _body(request), request.app[SETTINGS].limits)
     agent = await request.app[STORE].register(tenant, spec)
-    return _json(agent.to_json(), status=201, headers={hdrs.LOCATION: f"/agents/{agent.id}"})
+    # Relative, so it resolves right both here (/agents) and behind the
+    # gateway's prefix (/registry/agents -> /registry/agents/{id}).
+    return _json(agent.to_json(), status=201, headers={hdrs.LOCATION: f"agents/{agent.id}"})
 
 
 async def _get(request: web.Request) -> web.Response:

@@ -69,6 +69,8 @@ class RegistrySettings:
         for name in ("sweep_interval_s", "bus_timeout_s", "outbox_idle_s", "outbox_backoff_base_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.outbox_backoff_max_s < self.outbox_backoff_base_s:
+            raise ValueError("outbox_backoff_max_s must be >= outbox_backoff_base_s")
         for name in ("sweep_batch", "outbox_batch", "max_body_bytes", "max_page", "pool_max_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

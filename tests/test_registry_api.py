@@ -7,6 +7,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import yarl
 
 from registry import RegistrySettings, create_app
 from registry.errors import __all__ as error_names
@@ -46,7 +47,9 @@ class TestLifecycle:
         )
         created = await registry.post("/agents", json=body, headers=ACME)
         assert created.status == 201
-        assert created.headers["Location"] == "/agents/summarizer-1"
+        location = created.headers["Location"]
+        assert location == "agents/summarizer-1"
+        assert str(created.url.join(yarl.URL(location)).path) == "/agents/summarizer-1"
         agent = await created.json()
         assert agent == {
             "id": "summarizer-1",

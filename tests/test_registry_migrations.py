@@ -143,7 +143,7 @@ class TestMigrations:
 
 def _cli(*args: str, dsn: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "registry", "--dsn", dsn, *args],
+        [sys.executable, "-m", "registry", *args, "--dsn", dsn],
         capture_output=True,
         text=True,
         timeout=60,
