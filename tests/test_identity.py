@@ -169,22 +169,32 @@ class TestBearerTokens:
     @pytest.mark.parametrize(
         ("alg", "claims"),
         [
-            pytest.param("RS256", {}, id="rs256"),
-            pytest.param("ES256", {}, id="es256"),
-            pytest.param("EdDSA", {}, id="eddsa"),
-            pytest.param("RS256", {"scope": ["locked:read"]}, id="scope-as-list"),
-            pytest.param("RS256", {"exp": _now() - 10}, id="exp-within-leeway"),
-            pytest.param("RS256", {"nbf": _now() + 10, "iat": _now() + 10}, id="future-in-leeway"),
-            pytest.param("RS256", {"aud": ["x", AUDIENCE]}, id="audience-in-list"),
+            pytest.param("RS256", lambda: {}, id="rs256"),
+            pytest.param("ES256", lambda: {}, id="es256"),
+            pytest.param("EdDSA", lambda: {}, id="eddsa"),
+            pytest.param("RS256", lambda: {"scope": ["locked:read"]}, id="scope-as-list"),
+            # Claims are made when the test runs: times taken at collection go
+            # stale by however long the tests before this one take.
+            pytest.param("RS256", lambda: {"exp": _now() - 10}, id="exp-within-leeway"),
+            pytest.param(
+                "RS256",
+                lambda: {"nbf": _now() + 10, "iat": _now() + 10},
+                id="future-in-leeway",
+            ),
+            pytest.param("RS256", lambda: {"aud": ["x", AUDIENCE]}, id="audience-in-list"),
         ],
     )
     async def test_valid_token_reaches_the_upstream(
-        self, jwt_gateway: Client, jwt_issuer: FakeIssuer, alg: str, claims: dict[str, Any]
+        self,
+        jwt_gateway: Client,
+        jwt_issuer: FakeIssuer,
+        alg: str,
+        claims: Callable[[], dict[str, Any]],
     ) -> None:
         """A good RS256, ES256 or EdDSA token passes identity and OPA and is proxied."""
         key = jwt_issuer.add_key(alg)
         response = await jwt_gateway.get(
-            "/locked/x", headers=bearer(jwt_issuer.token(key, **claims))
+            "/locked/x", headers=bearer(jwt_issuer.token(key, **claims()))
         )
         assert response.status == 200
         assert (await response.json())["path"] == "/locked/x"
