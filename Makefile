@@ -1,7 +1,7 @@
 # The two commands (see README.md):
 #   make run    set up and run the gateway with embedded defaults
 #   make test   set up and run the whole test suite (what CI runs)
-.PHONY: run test setup check policies bench clean
+.PHONY: run test setup check policies bundle bench clean
 
 setup:
 	scripts/bootstrap
@@ -17,6 +17,11 @@ check:
 
 policies:
 	scripts/check-policies
+
+# The signed OPA bundle (.run/bundle.tar.gz; a throwaway dev key unless
+# BUNDLE_SIGNING_KEY names the operator's).
+bundle:
+	scripts/build-bundle
 
 bench: setup
 	.venv/bin/python -m bench.pipeline

@@ -141,6 +141,7 @@ def run_wrk(
     connections: int,
     threads: int = 1,
     script: Path | None = None,
+    script_args: Sequence[str] = (),
     watch: dict[str, int] | None = None,
 ) -> LoadResult:
     """Drive ``url`` with wrk; CPU seconds of the ``watch`` pids per request."""
@@ -151,7 +152,8 @@ def run_wrk(
     if script is not None:
         argv += ["-s", str(script)]
     before = {name: cpu_seconds(pid) for name, pid in (watch or {}).items()}
-    output = subprocess.run([*argv, url], check=True, capture_output=True, text=True).stdout
+    extra = ["--", *script_args] if script_args else []
+    output = subprocess.run([*argv, url, *extra], check=True, capture_output=True, text=True).stdout
     after = {name: cpu_seconds(pid) for name, pid in (watch or {}).items()}
     requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]

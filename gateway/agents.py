@@ -212,7 +212,9 @@ class AgentRouter:
             raise MissingCredentials("agent routes need a tenant", reasons=("tenant_required",))
         tenant = ctx.tenant.id
         request = ctx.request
-        body = await request.read() if request.body_exists else None
+        body = ctx.body
+        if body is None and request.body_exists:
+            body = await request.read()
         idempotent = request.method in IDEMPOTENT_METHODS
         query = request.raw_path.partition("?")[2]
         tried: set[str] = set()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Final
 
@@ -19,6 +19,7 @@ import aiohttp
 from aiohttp import web
 from redis.asyncio import Redis
 
+from gateway.admin import register_admin_routes
 from gateway.config import Config, PolicyConfig
 from gateway.context import REQUEST_CONTEXT
 from gateway.health import ReadinessChecker, health
@@ -26,8 +27,8 @@ from gateway.metrics import Metrics
 from gateway.middleware import edge_middleware, set_security_headers
 from gateway.pipeline import Pipeline, PipelineDeps, build_pipeline
 from gateway.policy.engine import PolicyEngine
-from gateway.policy.opa import OpaEngine
-from gateway.policy.supervisor import LocalOpa
+from gateway.policy.stack import POLICY_STACK, open_policy_stack
+from gateway.policy.supervisor import LocalBundle, LocalOpa
 from gateway.proxy import ReverseProxy
 
 __all__ = ["CONFIG", "ENGINE", "METRICS", "PIPELINE", "REDIS", "create_app"]
@@ -44,10 +45,14 @@ _HTTP: Final = web.AppKey("http_session", aiohttp.ClientSession)
 #: The gateway's own outbound calls (JWKS): no cookies, apart from the proxy's pool.
 _OUTBOUND: Final = web.AppKey("outbound_session", aiohttp.ClientSession)
 _READINESS: Final = web.AppKey("readiness", ReadinessChecker)
+_CLOCK: Final[web.AppKey[Callable[[], float]]] = web.AppKey("clock")
 
 
-def create_app(config: Config) -> web.Application:
-    """Build the gateway application for ``config``; nothing starts until it runs."""
+def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
+    """Build the gateway application for ``config``; nothing starts until it runs.
+
+    ``clock`` (wall-clock seconds) is what the pipeline judges time by; tests pin it.
+    """
     metrics = Metrics()
     app = web.Application(
         middlewares=[
@@ -61,6 +66,7 @@ def create_app(config: Config) -> web.Application:
     )
     app[CONFIG] = config
     app[METRICS] = metrics
+    app[_CLOCK] = clock
     app.on_response_prepare.append(set_security_headers)
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_policy_engine)
@@ -69,6 +75,8 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_pipeline)
     app.router.add_get("/health", health)
     app.router.add_get("/_readyz", _readyz)
+    # The admin plane: explicit routes, before the catch-all, outside the pipeline.
+    register_admin_routes(app, config, metrics)
     app.router.add_route("*", "/{tail:.*}", _proxy)
     return app
 
@@ -86,19 +94,22 @@ async def _policy_engine(app: web.Application) -> AsyncIterator[None]:
     local: LocalOpa | None = None
     url = config.policy.url
     if not url:
-        local = LocalOpa(_opa_binary(config.policy), Path(config.policy.bundle_dir))
+        local = LocalOpa(
+            _opa_binary(config.policy),
+            Path(config.policy.bundle_dir),
+            bundle=_bundle(config.policy),
+        )
         await local.start()
         url = local.url
-    engine = OpaEngine(
-        url, decision_path=config.policy.decision_path, timeout_s=config.policy.timeout_s
-    )
-    await engine.start()
-    app[ENGINE] = engine
-    app[_READINESS] = ReadinessChecker.for_config(config.dependencies, engine, app[REDIS])
     try:
-        yield
+        async with open_policy_stack(config.policy, url, app[METRICS]) as stack:
+            app[POLICY_STACK] = stack
+            app[ENGINE] = stack.engine
+            app[_READINESS] = ReadinessChecker.for_config(
+                config.dependencies, stack.engine, app[REDIS]
+            )
+            yield
     finally:
-        await engine.close()
         if local is not None:
             await local.stop()
 
@@ -152,7 +163,7 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
             proxy=proxy,
             redis=app[REDIS],
             metrics=app[METRICS],
-            clock=time.time,
+            clock=app[_CLOCK],
             http=app[_OUTBOUND],
         )
     )
@@ -160,6 +171,17 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await app[PIPELINE].close()
+
+
+def _bundle(policy: PolicyConfig) -> LocalBundle | None:
+    if not policy.bundle_file:
+        return None
+    return LocalBundle(
+        Path(policy.bundle_file),
+        Path(policy.verification_key_file),
+        key_id=policy.verification_key_id,
+        signing_alg=policy.signing_alg,
+    )
 
 
 def _opa_binary(policy: PolicyConfig) -> Path:

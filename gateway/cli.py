@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gateway import __version__
 from gateway.config import Config, ConfigError, load_config
+from gateway.keyring import build_keyring
 from gateway.logs import configure_logging
 
 __all__ = ["main"]
@@ -30,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = _config_path(args.config)
     try:
         config = load_config(path)
+        # Reads every tenant key's secret, so a missing one is named here.
+        build_keyring(config)
     except ConfigError as exc:
         print(f"config error: {exc.key}: {exc.message}", file=sys.stderr)
         return 2

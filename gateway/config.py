@@ -9,6 +9,11 @@ Supported field types: str, int, float, bool, Literal[...], ``X | None``
 ``dict[str, X]`` (tables, frozen as a read-only mapping) and nested frozen
 dataclasses (tables and arrays of tables).
 
+Secrets (tenant HMAC keys) are never read here: a key names where its secret
+lives (``secret_env``, ``secret_file``, or inline ``secret`` for development)
+and :func:`gateway.keyring.build_keyring` reads and checks it at start-up and
+in ``check-config``.
+
 Environment overrides use ``NOPS_GATEWAY__<SECTION>__<KEY>`` (double
 underscores between levels), for example ``NOPS_GATEWAY__SERVER__PORT=9000``
 or ``NOPS_GATEWAY__POLICY__URL=http://opa:8181``. Values are parsed as TOML
@@ -19,6 +24,7 @@ strings otherwise. Array-of-table keys (``routes``) cannot be overridden.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import re
 import tomllib
@@ -29,33 +35,61 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+import limits
 import yarl
 
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
     "CONFIG_VERSION",
     "DEFAULT_CONFIG",
+    "DEFAULT_REQUIRED_COMPONENTS",
     "ENV_PREFIX",
     "HMAC_ALGORITHMS",
+    "AdminConfig",
+    "AdminKeyConfig",
     "AgentRouteConfig",
     "ApiKeyConfig",
     "Config",
     "ConfigError",
     "DependenciesConfig",
+    "FreshnessConfig",
     "IdentityConfig",
     "IssuerConfig",
+    "KeyConfig",
     "LoggingConfig",
+    "PolicyCacheConfig",
     "PolicyConfig",
+    "PolicyShadowConfig",
+    "RateLimitConfig",
+    "RateLimitTierConfig",
     "RouteConfig",
+    "RouteRateLimitConfig",
     "ServerConfig",
+    "SignatureConfig",
+    "TenantConfig",
     "load_config",
     "parse_config",
+    "rfc3339_timestamp",
 ]
 
 CONFIG_VERSION: Final = 1
 ENV_PREFIX: Final = "NOPS_GATEWAY__"
 
 _ROUTE_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
+# Tenant ids and keyids end up in replay-cache keys separated by ':' and in
+# logs: a small alphabet keeps both unambiguous.
+_IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_TIER = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+# RFC 8941 sf-key: the shape of a signature label.
+_SF_KEY = re.compile(r"^[a-z*][a-z0-9_.*-]{0,63}$")
+# RFC 9421 derived components a gateway can be asked to require.
+_DERIVED: Final = frozenset(
+    {"@method", "@target-uri", "@authority", "@scheme", "@request-target", "@path", "@query"}
+)
+_FIELD_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+
+#: Covered by default: content-digest only when the request has a body.
+DEFAULT_REQUIRED_COMPONENTS: Final = ("@method", "@target-uri", "content-digest")
 _API_KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _API_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 _SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 scope-token
@@ -98,31 +132,105 @@ class ServerConfig:
         _require(self.shutdown_timeout_s >= 0, f"{key}.shutdown_timeout_s", "must be >= 0")
 
 
+_DECISION_PATH: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*")
+
+
 @dataclass(frozen=True, slots=True)
-class PolicyConfig:
-    engine: Literal["opa"] = "opa"
-    #: Address of an OPA server. Empty: the gateway starts and supervises a
-    #: local ``opa run --server`` loaded from ``bundle_dir``.
+class PolicyCacheConfig:
+    """The decision cache (gateway/policy/cache.py)."""
+
+    enabled: bool = True
+    #: Most decisions held in all, and per tenant (one tenant cannot evict the others).
+    max_entries: int = 10_000
+    max_entries_per_tenant: int = 1_000
+    #: Seconds a cached decision lives, even when the revision does not change.
+    ttl_s: float = 60.0
+    #: Seconds between checks of OPA's bundle revisions; a change empties the
+    #: cache. 0: check before every cached answer.
+    revision_check_s: float = 1.0
+    #: Dotted input paths left out of the cache key (for example
+    #: "source.ip"). Only for fields no policy reads: a policy that reads an
+    #: excluded field would be answered from another request's decision.
+    key_exclude: tuple[str, ...] = ()
+
+    def validate(self, key: str) -> None:
+        _require(self.max_entries > 0, f"{key}.max_entries", "must be > 0")
+        _require(
+            0 < self.max_entries_per_tenant <= self.max_entries,
+            f"{key}.max_entries_per_tenant",
+            "must be > 0 and <= max_entries",
+        )
+        _require(self.ttl_s > 0, f"{key}.ttl_s", "must be > 0")
+        _require(self.revision_check_s >= 0, f"{key}.revision_check_s", "must be >= 0")
+        for index, path in enumerate(self.key_exclude):
+            _require(
+                re.fullmatch(r"[a-z_]+(\.[A-Za-z0-9_-]+)*", path) is not None,
+                f"{key}.key_exclude[{index}]",
+                "must be a dotted input path such as source.ip",
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyShadowConfig:
+    """A candidate policy evaluated beside the enforcing one (gateway/policy/shadow.py)."""
+
+    enabled: bool = False
+    #: Data API path of the candidate decision document.
+    decision_path: str = "nops/authz_candidate/decision"
+    #: OPA server holding the candidate; empty: the enforcing OPA.
     url: str = ""
-    #: The OPA binary used for a supervised local OPA.
-    opa_binary: str = ".tools/bin/opa"
-    #: Rego and data loaded by a supervised local OPA (watched for changes).
-    bundle_dir: str = "policies/rego"
-    #: Data API path of the decision document.
-    decision_path: str = "nops/authz/decision"
-    #: Seconds one decision may take before the request fails closed (503).
+    #: Fraction of requests also sent to the candidate (0..1).
+    sample_rate: float = 1.0
+    #: Seconds the candidate may take; a slower answer counts as an error.
     timeout_s: float = 0.5
 
     def validate(self, key: str) -> None:
         if self.url:
             _require_http_url(self.url, f"{key}.url")
+        _require_decision_path(self.decision_path, f"{key}.decision_path")
+        _require(0 <= self.sample_rate <= 1, f"{key}.sample_rate", "must be between 0 and 1")
         _require(self.timeout_s > 0, f"{key}.timeout_s", "must be > 0")
-        _require(
-            re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*", self.decision_path)
-            is not None,
-            f"{key}.decision_path",
-            "must be a slash-separated Rego reference such as nops/authz/decision",
-        )
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    engine: Literal["opa"] = "opa"
+    #: Address of an OPA server. Empty: the gateway starts and supervises a
+    #: local ``opa run --server`` loaded from ``bundle_file`` or ``bundle_dir``.
+    url: str = ""
+    #: The OPA binary used for a supervised local OPA.
+    opa_binary: str = ".tools/bin/opa"
+    #: Rego and data loaded by a supervised local OPA (watched for changes).
+    bundle_dir: str = "policies/rego"
+    #: A signed bundle (scripts/build-bundle) for the supervised local OPA,
+    #: instead of ``bundle_dir``; watched, so a replaced file takes effect.
+    bundle_file: str = ""
+    #: Public key (PEM) that verifies ``bundle_file``'s signature; required with it.
+    verification_key_file: str = ""
+    #: Key id the bundle was signed under (scripts/build-bundle --keyid).
+    verification_key_id: str = "nops-bundle"
+    signing_alg: Literal["ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256"] = "ES256"
+    #: Data API path of the decision document.
+    decision_path: str = "nops/authz/decision"
+    #: Seconds one decision may take before the request fails closed (503).
+    timeout_s: float = 0.5
+    cache: PolicyCacheConfig = field(default_factory=PolicyCacheConfig)
+    shadow: PolicyShadowConfig = field(default_factory=PolicyShadowConfig)
+
+    def validate(self, key: str) -> None:
+        if self.url:
+            _require_http_url(self.url, f"{key}.url")
+        _require(self.timeout_s > 0, f"{key}.timeout_s", "must be > 0")
+        _require_decision_path(self.decision_path, f"{key}.decision_path")
+        if self.bundle_file:
+            # SECURITY: a bundle is only ever loaded with its signature verified.
+            _require(
+                bool(self.verification_key_file),
+                f"{key}.verification_key_file",
+                "is required with bundle_file (bundles are loaded only when signed)",
+            )
+        self.cache.validate(f"{key}.cache")
+        self.shadow.validate(f"{key}.shadow")
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +311,68 @@ class AgentRouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitTierConfig:
+    """Limits for the tenants of one tier; an empty string means no limit at that level."""
+
+    #: Per tenant, across all its agents and routes.
+    tenant: str = "1000/minute"
+    #: Per agent of a tenant, when an earlier stage named the agent.
+    agent: str = "100/second"
+    #: Per tenant and route, for every route without its own ``[ratelimit.routes.<route>]``.
+    route: str = ""
+
+    def validate(self, key: str) -> None:
+        for name in ("tenant", "agent", "route"):
+            _require_rate_limit(getattr(self, name), f"{key}.{name}")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRateLimitConfig:
+    #: Per tenant on this route, whatever the tenant's tier.
+    limit: str
+
+    def validate(self, key: str) -> None:
+        _require(bool(self.limit), f"{key}.limit", "must not be empty")
+        _require_rate_limit(self.limit, f"{key}.limit")
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """The ``ratelimit`` stage; each limit is a ``limits`` string such as ``"100/minute"``."""
+
+    enabled: bool = True
+    strategy: Literal["sliding-window-counter", "moving-window", "fixed-window"] = (
+        "sliding-window-counter"
+    )
+    #: ``auto``: Redis (shared by every node) when ``dependencies.redis_url`` is set, else memory.
+    storage: Literal["auto", "memory", "redis"] = "auto"
+    #: Per client IP (IPv6 per /64) for requests no earlier stage attributed to a tenant.
+    anonymous: str = "100/minute"
+    #: The tier of tenants that name none, or a tier not defined here.
+    default_tier: str = "free"
+    tiers: dict[str, RateLimitTierConfig] = field(
+        default_factory=lambda: {"free": RateLimitTierConfig()}
+    )
+    #: Per-route overrides of the tier's ``route`` limit, keyed by route name.
+    routes: dict[str, RouteRateLimitConfig] = field(default_factory=dict)
+    #: Seconds between attempts to go back to Redis after it failed (memory meanwhile).
+    fallback_retry_s: float = 5.0
+
+    def validate(self, key: str) -> None:
+        _require_rate_limit(self.anonymous, f"{key}.anonymous")
+        for name, tier in self.tiers.items():
+            tier.validate(f"{key}.tiers.{name}")
+        _require(
+            self.default_tier in self.tiers,
+            f"{key}.default_tier",
+            f"tier {self.default_tier!r} is not defined under [{key}.tiers]",
+        )
+        for name, route in self.routes.items():
+            route.validate(f"{key}.routes.{name}")
+        _require(self.fallback_retry_s > 0, f"{key}.fallback_retry_s", "must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     """A path prefix proxied, after the whole pipeline, to one upstream or to agents."""
 
@@ -220,6 +390,9 @@ class RouteConfig:
     #: Seconds for the whole upstream exchange (headers and body).
     timeout_s: float = 30.0
     connect_timeout_s: float = 3.0
+    #: Unsigned requests get 401 missing-signature. When false, unsigned
+    #: requests pass as anonymous, but a signature that is present must verify.
+    require_signature: bool = True
     #: Credentials the identity stage demands: "none" (anonymous), "jwt"
     #: (a bearer token), "api_key", or "jwt_or_api_key". Secure by default.
     auth: Literal["none", "jwt", "jwt_or_api_key", "api_key"] = "jwt"
@@ -402,15 +575,210 @@ class ApiKeyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyConfig:
+    """One HMAC key of a tenant; the secret is named here, read by the keyring.
+
+    Exactly one of ``secret_env`` (an environment variable), ``secret_file``
+    (a file path) or ``secret`` (inline, for development only) gives the key
+    bytes, always base64 (RFC 4648, standard alphabet) of at least 32 bytes.
+    """
+
+    #: Globally unique; the ``keyid`` signature parameter names it.
+    keyid: str
+    #: The only algorithm this key verifies; the message never chooses it.
+    alg: Literal["hmac-sha256"] = "hmac-sha256"
+    secret: str = field(default="", repr=False)
+    secret_env: str = ""
+    secret_file: str = ""
+    #: RFC 3339 date-times with an offset; empty: unbounded.
+    not_before: str = ""
+    not_after: str = ""
+    #: The agent this key belongs to; empty: a tenant-wide key. A request
+    #: signed with an agent's key is that agent's: its per-agent quota is
+    #: taken before identity, and a credential naming another agent is refused.
+    agent_id: str = ""
+
+    def validate(self, key: str) -> None:
+        _require(
+            _IDENTIFIER.fullmatch(self.keyid) is not None,
+            f"{key}.keyid",
+            "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        )
+        if self.agent_id:
+            _require(
+                _IDENTIFIER.fullmatch(self.agent_id) is not None,
+                f"{key}.agent_id",
+                "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            )
+        sources = [n for n in ("secret", "secret_env", "secret_file") if getattr(self, n)]
+        _require(
+            len(sources) == 1,
+            key,
+            "exactly one of secret_env, secret_file or secret must be set",
+        )
+        if self.secret_env:
+            _require(
+                not self.secret_env.startswith(ENV_PREFIX),
+                f"{key}.secret_env",
+                f"must not start with {ENV_PREFIX} (reserved for config overrides)",
+            )
+        begin = _rfc3339(self.not_before, f"{key}.not_before")
+        end = _rfc3339(self.not_after, f"{key}.not_after")
+        if begin is not None and end is not None:
+            _require(begin < end, f"{key}.not_after", "must be later than not_before")
+
+
+@dataclass(frozen=True, slots=True)
+class TenantConfig:
+    """A tenant: who signs, on which tier, with which keys."""
+
+    id: str
+    #: Names the rate-limit tier and reaches the policy as input.tenant.tier.
+    tier: str = "free"
+    #: Overrides signature.grace_s for this tenant's keys.
+    grace_s: int | None = None
+    keys: tuple[KeyConfig, ...] = ()
+
+    def validate(self, key: str) -> None:
+        _require(
+            _IDENTIFIER.fullmatch(self.id) is not None,
+            f"{key}.id",
+            "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        )
+        _require(
+            _TIER.fullmatch(self.tier) is not None,
+            f"{key}.tier",
+            "must be lower-case letters, digits, '_' or '-', starting with a letter",
+        )
+        if self.grace_s is not None:
+            _require(self.grace_s >= 0, f"{key}.grace_s", "must be >= 0")
+        for index, item in enumerate(self.keys):
+            item.validate(f"{key}.keys[{index}]")
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureConfig:
+    """RFC 9421 verification: what a signature must cover, and key rotation."""
+
+    #: Components every signature must cover. ``content-digest`` is required
+    #: only when the request has a body; ``@target-uri`` is also satisfied by
+    #: ``@authority`` + ``@path`` + ``@query`` together.
+    required_components: tuple[str, ...] = DEFAULT_REQUIRED_COMPONENTS
+    #: The signature label to verify. Empty: any label, but the request must
+    #: carry exactly one signature.
+    label: str = ""
+    #: Seconds a key past its not_after still verifies (rotation grace).
+    grace_s: int = 0
+
+    def validate(self, key: str) -> None:
+        for index, name in enumerate(self.required_components):
+            item = f"{key}.required_components[{index}]"
+            if name.startswith("@"):
+                _require(name in _DERIVED, item, f"must be one of {', '.join(sorted(_DERIVED))}")
+            else:
+                _require(
+                    _FIELD_NAME.fullmatch(name) is not None,
+                    item,
+                    "must be a lower-case header field name or a derived component",
+                )
+        _require(
+            len(set(self.required_components)) == len(self.required_components),
+            f"{key}.required_components",
+            "lists a component twice",
+        )
+        if self.label:
+            _require(
+                _SF_KEY.fullmatch(self.label) is not None,
+                f"{key}.label",
+                "must be an RFC 8941 key (lower-case letters, digits, '_-.*')",
+            )
+        _require(self.grace_s >= 0, f"{key}.grace_s", "must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class FreshnessConfig:
+    """``created`` / ``expires`` checks and the replay (nonce) store."""
+
+    #: Seconds a signature's ``created`` may lie in the future (clock skew).
+    max_skew_s: int = 300
+    #: Seconds a signature stays valid after its ``created``.
+    max_age_s: int = 300
+    #: ``auto``: Redis when dependencies.redis_url is set, else memory.
+    nonce_store: Literal["auto", "memory", "redis"] = "auto"
+    #: Most nonces the memory store holds; when full, signed requests fail
+    #: closed with 503 until entries expire.
+    memory_max_nonces: int = 1_000_000
+
+    @property
+    def nonce_ttl_s(self) -> int:
+        """How long a claimed nonce is remembered: the whole acceptance window."""
+        return self.max_skew_s + self.max_age_s
+
+    def validate(self, key: str) -> None:
+        _require(self.max_skew_s >= 0, f"{key}.max_skew_s", "must be >= 0")
+        _require(self.max_age_s > 0, f"{key}.max_age_s", "must be > 0")
+        _require(self.memory_max_nonces > 0, f"{key}.memory_max_nonces", "must be > 0")
+
+
+_ADMIN_KEY_ID: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ADMIN_KEY_HASH: Final = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class AdminKeyConfig:
+    """One admin API key: ``Authorization: Bearer <id>.<secret>``.
+
+    Only the SHA-256 of the secret is configured (``hash = "sha256:<hex>"``);
+    ``python -m gateway.admin.keys --role ROLE`` makes a new id, secret and hash.
+    """
+
+    id: str
+    role: Literal["SUPER_ADMIN", "ADMIN", "OPERATOR", "VIEWER"]
+    hash: str
+
+    def validate(self, key: str) -> None:
+        _require(
+            _ADMIN_KEY_ID.fullmatch(self.id) is not None,
+            f"{key}.id",
+            "must be 1-64 letters, digits, '_' or '-' (no '.')",
+        )
+        _require(
+            _ADMIN_KEY_HASH.fullmatch(self.hash) is not None,
+            f"{key}.hash",
+            'must be "sha256:" and 64 lower-case hex digits',
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The admin plane under /_admin/ (gateway/admin), guarded by casbin RBAC."""
+
+    enabled: bool = True
+    keys: tuple[AdminKeyConfig, ...] = ()
+
+    def validate(self, key: str) -> None:
+        ids: set[str] = set()
+        for index, admin_key in enumerate(self.keys):
+            admin_key.validate(f"{key}.keys[{index}]")
+            _require(admin_key.id not in ids, f"{key}.keys[{index}].id", "duplicate key id")
+            ids.add(admin_key.id)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     version: int = CONFIG_VERSION
     server: ServerConfig = field(default_factory=ServerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     dependencies: DependenciesConfig = field(default_factory=DependenciesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    signature: SignatureConfig = field(default_factory=SignatureConfig)
+    freshness: FreshnessConfig = field(default_factory=FreshnessConfig)
+    ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     routes: tuple[RouteConfig, ...] = ()
+    tenants: tuple[TenantConfig, ...] = ()
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     api_keys: tuple[ApiKeyConfig, ...] = ()
+    admin: AdminConfig = field(default_factory=AdminConfig)
 
     def validate(self) -> None:
         _require(
@@ -421,6 +789,7 @@ class Config:
         self.server.validate("server")
         self.policy.validate("policy")
         self.dependencies.validate("dependencies")
+        self.admin.validate("admin")
         names: set[str] = set()
         prefixes: set[str] = set()
         for index, route in enumerate(self.routes):
@@ -436,6 +805,38 @@ class Config:
             api_key.validate(f"api_keys[{index}]")
             _require(api_key.id not in key_ids, f"api_keys[{index}].id", "duplicate API key id")
             key_ids.add(api_key.id)
+        self.signature.validate("signature")
+        self.freshness.validate("freshness")
+        _require(
+            self.freshness.nonce_store != "redis" or bool(self.dependencies.redis_url),
+            "freshness.nonce_store",
+            "redis needs dependencies.redis_url",
+        )
+        self.ratelimit.validate("ratelimit")
+        for name in self.ratelimit.routes:
+            _require(name in names, f"ratelimit.routes.{name}", f"no route is named {name!r}")
+        _require(
+            self.ratelimit.storage != "redis" or bool(self.dependencies.redis_url),
+            "ratelimit.storage",
+            "'redis' needs dependencies.redis_url",
+        )
+        self._validate_tenants()
+
+    def _validate_tenants(self) -> None:
+        tenant_ids: set[str] = set()
+        keyids: set[str] = set()
+        for index, tenant in enumerate(self.tenants):
+            key = f"tenants[{index}]"
+            tenant.validate(key)
+            _require(tenant.id not in tenant_ids, f"{key}.id", f"duplicate tenant {tenant.id!r}")
+            tenant_ids.add(tenant.id)
+            for number, item in enumerate(tenant.keys):
+                _require(
+                    item.keyid not in keyids,
+                    f"{key}.keys[{number}].keyid",
+                    f"duplicate keyid {item.keyid!r} (keyids are global)",
+                )
+                keyids.add(item.keyid)
 
 
 DEFAULT_CONFIG: Final = Config()
@@ -557,6 +958,44 @@ def _join(prefix: str, key: str) -> str:
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(key, message)
+
+
+def _require_decision_path(value: str, key: str) -> None:
+    _require(
+        _DECISION_PATH.fullmatch(value) is not None,
+        key,
+        "must be a slash-separated Rego reference such as nops/authz/decision",
+    )
+
+
+def _require_rate_limit(value: str, key: str) -> None:
+    """Empty (no limit) or exactly one ``limits`` rate such as ``100/minute``."""
+    if not value:
+        return
+    try:
+        items = limits.parse_many(value)
+    except ValueError:
+        raise ConfigError(key, f"{value!r} is not a rate limit such as '100/minute'") from None
+    _require(len(items) == 1, key, "must be one rate limit such as '100/minute', not several")
+    _require(items[0].amount > 0, key, "must allow at least one request per window")
+
+
+def _rfc3339(value: str, key: str) -> datetime.datetime | None:
+    """An RFC 3339 date-time with an offset, or None for an empty value."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(key, "must be an RFC 3339 date-time, e.g. 2026-01-31T00:00:00Z") from None
+    _require(parsed.tzinfo is not None, key, "must carry an offset (Z or +hh:mm)")
+    return parsed
+
+
+def rfc3339_timestamp(value: str) -> float | None:
+    """Seconds since the epoch for a validated RFC 3339 value (None if empty)."""
+    parsed = _rfc3339(value, "<date-time>")
+    return parsed.timestamp() if parsed is not None else None
 
 
 def _require_http_url(value: str, key: str) -> None:

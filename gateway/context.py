@@ -45,10 +45,16 @@ class RequestContext:
     subject: Subject = field(default_factory=Subject)
     #: Signature parameters once the signature stage verified them.
     signature: dict[str, Any] = field(default_factory=dict)
+    #: The request body when a stage had to read it whole (to check its
+    #: digest); the proxy then sends these bytes instead of streaming.
+    body: bytes | None = None
     decision: Decision | None = None
     upstream_status: int | None = None
     #: On an agent route: the agent or capability the path names (set by intake).
     agent_target: AgentTarget | None = None
+    #: Header fields a stage wants on the response, whichever it is (proxied or
+    #: problem); appended by the edge's ``on_response_prepare`` hook.
+    response_headers: dict[str, str] = field(default_factory=dict)
 
 
 #: Request-scoped key under which the middleware stores the context.

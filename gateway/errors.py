@@ -7,12 +7,20 @@ turned into RFC 9457 problem+json only at the HTTP edge
 
     GatewayError
      ├── MalformedRequest          400 malformed-request
+     ├── MalformedSignature        400 malformed-signature  (unparseable signature fields)
+     ├── MissingSignature          401 missing-signature
+     ├── BadSignature              401 bad-signature        (carries reasons)
+     ├── StaleRequest              401 stale-request        (carries reasons)
      ├── MissingCredentials        401 missing-credentials  (carries reasons)
      ├── InvalidToken              401 invalid-token        (carries reasons)
      ├── NoRoute                   404 no-route
      ├── AgentNotFound             404 agent-not-found
      ├── MethodNotAllowed          405 method-not-allowed
+     ├── ReplayedNonce             409 replayed-nonce
      ├── PayloadTooLarge           413 payload-too-large
+     ├── AdminUnauthenticated      401 admin-unauthenticated
+     ├── AdminForbidden            403 admin-forbidden
+     ├── RateLimited               429 rate-limited         (carries reasons, retry_after)
      ├── InsufficientScope         403 insufficient-scope   (carries reasons)
      ├── TenantMismatch            403 tenant-mismatch
      ├── PolicyDenied              403 policy-denied        (carries reasons)
@@ -33,20 +41,28 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 __all__ = [
+    "AdminForbidden",
+    "AdminUnauthenticated",
     "AgentNotFound",
     "AgentUnavailable",
+    "BadSignature",
     "DependencyUnavailable",
     "GatewayError",
     "InsufficientScope",
     "InternalError",
     "InvalidToken",
     "MalformedRequest",
+    "MalformedSignature",
     "MethodNotAllowed",
     "MissingCredentials",
+    "MissingSignature",
     "NoRoute",
     "PayloadTooLarge",
     "PolicyDenied",
     "PolicyUnavailable",
+    "RateLimited",
+    "ReplayedNonce",
+    "StaleRequest",
     "TenantMismatch",
     "UpstreamTimeout",
     "UpstreamUnavailable",
@@ -79,6 +95,36 @@ class MalformedRequest(GatewayError):
     code = "malformed-request"
     status = 400
     title = "Malformed request"
+
+
+class MalformedSignature(GatewayError):
+    code = "malformed-signature"
+    status = 400
+    title = "Malformed signature fields"
+
+
+class MissingSignature(GatewayError):
+    code = "missing-signature"
+    status = 401
+    title = "This route requires a signed request"
+
+
+class BadSignature(GatewayError):
+    code = "bad-signature"
+    status = 401
+    title = "The request signature does not verify"
+
+
+class StaleRequest(GatewayError):
+    code = "stale-request"
+    status = 401
+    title = "The request signature is not fresh"
+
+
+class ReplayedNonce(GatewayError):
+    code = "replayed-nonce"
+    status = 409
+    title = "This request was already seen"
 
 
 class MissingCredentials(GatewayError):
@@ -135,6 +181,26 @@ class PayloadTooLarge(GatewayError):
     code = "payload-too-large"
     status = 413
     title = "Request body too large"
+
+
+class AdminUnauthenticated(GatewayError):
+    code = "admin-unauthenticated"
+    status = 401
+    title = "Admin API key missing or invalid"
+
+
+class AdminForbidden(GatewayError):
+    code = "admin-forbidden"
+    status = 403
+    title = "The admin role does not permit this action"
+
+
+class RateLimited(GatewayError):
+    """A quota is used up; reasons: tenant_limit, agent_limit, route_limit, anonymous_limit."""
+
+    code = "rate-limited"
+    status = 429
+    title = "Too many requests"
 
 
 class PolicyDenied(GatewayError):

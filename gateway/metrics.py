@@ -9,8 +9,14 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Final
 
-__all__ = ["Metrics"]
+__all__ = ["MAX_SHADOW_REASONS", "Metrics"]
+
+#: Distinct reason labels the shadow disagreement counter keeps; further
+#: reasons (a candidate policy is not trusted to keep its codes few) count
+#: under "other".
+MAX_SHADOW_REASONS: Final = 64
 
 
 @dataclass(slots=True)
@@ -21,6 +27,16 @@ class Metrics:
     denial_reasons: Counter[tuple[str, str]] = field(default_factory=Counter)
     #: Responses by status class ("2xx" ...).
     responses: Counter[str] = field(default_factory=Counter)
+    #: Decision cache outcomes: hit, miss, uncacheable, flush.
+    decision_cache: Counter[str] = field(default_factory=Counter)
+    #: Shadow evaluations by outcome: agree, disagree, error, skipped.
+    shadow_evaluations: Counter[str] = field(default_factory=Counter)
+    #: Shadow disagreements by (enforced allow, shadow allow, reason).
+    shadow_disagreements: Counter[tuple[bool, bool, str]] = field(default_factory=Counter)
+    #: True while rate limits run on per-node memory because their Redis failed.
+    ratelimit_degraded: bool = False
+    #: Rate-limit storage failures, each one answered from the memory fallback.
+    ratelimit_storage_errors: int = 0
 
     def record(self, stage: str, status: int, code: str | None, reasons: tuple[str, ...]) -> None:
         self.responses[f"{status // 100}xx"] += 1
@@ -28,3 +44,10 @@ class Metrics:
             self.denials[(stage, code)] += 1
             for reason in reasons:
                 self.denial_reasons[(stage, reason)] += 1
+
+    def record_shadow_disagreement(self, enforced: bool, shadow: bool, reason: str) -> None:
+        """Count one disagreement, keeping the set of reason labels bounded."""
+        known = {label for _, _, label in self.shadow_disagreements}
+        if reason not in known and len(known) >= MAX_SHADOW_REASONS:
+            reason = "other"
+        self.shadow_disagreements[(enforced, shadow, reason)] += 1

@@ -156,8 +156,12 @@ def _log_request(ctx: RequestContext, status: int, error: GatewayError | None) -
 
 
 async def set_security_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    """``on_response_prepare`` hook: security headers and the request id."""
+    """``on_response_prepare`` hook: security headers, request id, the pipeline's headers."""
     response.headers.update(SECURITY_HEADERS)
     ctx = request.get(REQUEST_CONTEXT) if isinstance(request, web.Request) else None
     if ctx is not None:
         response.headers["X-Request-Id"] = ctx.request_id
+        # Appended, not replacing: RateLimit and RateLimit-Policy are lists, and
+        # an upstream's own policies must survive (ratelimit-headers §7.2).
+        for name, value in ctx.response_headers.items():
+            response.headers.add(name, value)

@@ -6,9 +6,12 @@ set for the upstream. A credential the gateway verified (``Authorization``
 on a route whose ``auth`` is not "none") is removed unless the route sets
 ``forward_authorization``; instead the upstream gets the verified identity as
 ``X-Nops-Tenant``, ``-Subject``, ``-Agent``, ``-Scopes`` and
-``-Decision-Id``. Callers can never send ``X-Nops-*`` themselves.
+``-Decision-Id``. Callers can never send ``X-Nops-*`` themselves. The
+request signature (``Signature``, ``Signature-Input``) is the caller's proof
+to the gateway and is not forwarded.
 Bodies stream in both directions; the request body is cut off at the
-configured cap. Connection failures are 502, timeouts 504.
+configured cap. A body a stage already read whole (``ctx.body``, to verify
+its digest) is sent as those bytes. Connection failures are 502, timeouts 504.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ _REWRITTEN: Final = frozenset(
         hdrs.X_FORWARDED_PROTO,
         "Forwarded",
         "X-Request-Id",
+        # The caller's proof to the gateway, verified and consumed here.
+        "Signature",
+        "Signature-Input",
     )
 )
 _CHUNK: Final = 64 * 1024
@@ -100,13 +106,20 @@ class ReverseProxy:
         request = ctx.request
         url = _target_url(route, request)
         timeout = aiohttp.ClientTimeout(total=route.timeout_s, connect=route.connect_timeout_s)
-        body = _CappedBody(request, self._max_body) if request.body_exists else None
+        body: _CappedBody | None = None
+        data: bytes | AsyncIterator[bytes] | None = None
+        if ctx.body is not None:
+            # The stream is consumed: send the bytes whose digest was verified.
+            data = ctx.body or None
+        elif request.body_exists:
+            body = _CappedBody(request, self._max_body)
+            data = body.chunks()
         try:
             upstream = await self._session.request(
                 request.method,
                 url,
                 headers=_upstream_headers(ctx, url, self._trusted),
-                data=body.chunks() if body is not None else None,
+                data=data,
                 timeout=timeout,
                 allow_redirects=False,
                 auto_decompress=False,

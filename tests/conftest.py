@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
+from gateway.client import sign_request, signing_middleware
 from gateway.config import Config, parse_config
 from gateway.echo import create_echo_app
 from gateway.server import GatewayRunner
 from tests.jwtissuer import FakeIssuer
-from tests.registrykit import PinnedClock, RegistryFactory, fresh_database, start_registry
+from tests.registrykit import T0, RegistryFactory, fresh_database, start_registry
 from tests.services import PostgresService, RedisService
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +48,22 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
+    """Wait until the OPA at ``url`` answers /health; RuntimeError if it exits or times out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"OPA exited with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    process.terminate()
+    raise RuntimeError("OPA did not become healthy")
 
 
 class OpaProcess:
@@ -75,16 +95,11 @@ class OpaProcess:
             ],
             stdout=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        pytest.fail("OPA did not become healthy")
+        try:
+            wait_healthy(self.url, self.process)
+        except RuntimeError as exc:
+            self.stop()
+            pytest.fail(str(exc))
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -143,6 +158,100 @@ async def upstream() -> AsyncIterator[TestServer]:
     await server.close()
 
 
+# Test tenants and their HMAC keys (32 bytes each, base64 in the config).
+ACME_SECRET = bytes(range(1, 33))
+ACME_OLD_SECRET = bytes(range(101, 133))
+GLOBEX_SECRET = bytes(range(201, 233))
+AGENT_A1_SECRET = bytes(range(51, 83))
+
+
+def _b64(secret: bytes) -> str:
+    return base64.b64encode(secret).decode("ascii")
+
+
+TEST_TENANTS: list[dict[str, Any]] = [
+    {
+        "id": "acme",
+        "tier": "professional",
+        "keys": [
+            {"keyid": "acme-k1", "secret": _b64(ACME_SECRET)},
+            {"keyid": "acme-k0", "secret": _b64(ACME_OLD_SECRET)},
+            {"keyid": "acme-agent-a1", "secret": _b64(AGENT_A1_SECRET), "agent_id": "a1"},
+        ],
+    },
+    {
+        "id": "globex",
+        "tier": "free",
+        "keys": [{"keyid": "globex-k1", "secret": _b64(GLOBEX_SECRET)}],
+    },
+]
+TEST_SECRETS: dict[str, bytes] = {
+    "acme-k1": ACME_SECRET,
+    "acme-k0": ACME_OLD_SECRET,
+    "globex-k1": GLOBEX_SECRET,
+    "acme-agent-a1": AGENT_A1_SECRET,
+}
+
+
+class PinnedClock:
+    """A wall clock that only moves when a test says so."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class Signer:
+    """Signs requests to a test gateway with one tenant key (gateway.client)."""
+
+    client: TestClient[Any, Any]
+    keyid: str = "acme-k1"
+    secret: bytes | None = None
+    clock: Callable[[], float] = time.time
+
+    def sign(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        **options: Any,
+    ) -> dict[str, str]:
+        """The signature headers for ``method path`` with this body and headers."""
+        secret = self.secret if self.secret is not None else TEST_SECRETS[self.keyid]
+        return sign_request(
+            method,
+            self.client.make_url(path),
+            headers,
+            body,
+            keyid=self.keyid,
+            secret=secret,
+            clock=self.clock,
+            **options,
+        )
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        data: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        **options: Any,
+    ) -> aiohttp.ClientResponse:
+        """Sign and send one request."""
+        signed = self.sign(method, path, data, headers, **options)
+        return await self.client.request(
+            method, path, data=data, headers={**(headers or {}), **signed}
+        )
+
+
 @pytest.fixture
 async def jwt_issuer() -> AsyncIterator[FakeIssuer]:
     """A fake token issuer with one RS256 key, its JWKS served over real HTTP."""
@@ -156,8 +265,9 @@ async def jwt_issuer() -> AsyncIterator[FakeIssuer]:
 def gateway_config(opa_url: str, upstream_url: str, **sections: Any) -> Config:
     """A config with the three test routes pointing at ``upstream_url``.
 
-    ``echo`` and ``readonly`` are anonymous (``auth = "none"``); ``locked``
-    keeps the default ``auth = "jwt"``.
+    ``echo`` and ``readonly`` are anonymous (``auth = "none"``) and accept
+    unsigned requests; ``locked`` keeps the default ``auth = "jwt"`` and
+    requires a signature. Tenants ``acme`` and ``globex`` hold TEST_SECRETS.
     """
     table: dict[str, Any] = {
         "version": 1,
@@ -169,14 +279,22 @@ def gateway_config(opa_url: str, upstream_url: str, **sections: Any) -> Config:
                 "prefix": "/echo/",
                 "upstream": upstream_url,
                 "timeout_s": 1.0,
+                "require_signature": False,
                 "auth": "none",
             },
-            {"name": "readonly", "prefix": "/readonly/", "upstream": upstream_url, "auth": "none"},
+            {
+                "name": "readonly",
+                "prefix": "/readonly/",
+                "upstream": upstream_url,
+                "require_signature": False,
+                "auth": "none",
+            },
             {"name": "locked", "prefix": "/locked/", "upstream": upstream_url},
         ],
+        "tenants": TEST_TENANTS,
     }
     for name, values in sections.items():
-        if isinstance(values, list):  # arrays of tables: routes, api_keys
+        if isinstance(values, list):  # arrays of tables: routes, tenants, api_keys
             table[name] = values
         else:
             table.setdefault(name, {}).update(values)
@@ -189,10 +307,18 @@ async def make_gateway(opa: OpaProcess, upstream: TestServer) -> AsyncIterator[G
     clients: list[TestClient[Any, Any]] = []
     upstream_url = str(upstream.make_url("")).rstrip("/")
 
-    async def factory(**sections: Any) -> TestClient[Any, Any]:
+    async def factory(
+        *, clock: Callable[[], float] = time.time, sign_as: str | None = None, **sections: Any
+    ) -> TestClient[Any, Any]:
+        """``sign_as`` (a keyid of TEST_SECRETS): the client signs every request with it."""
         config = gateway_config(opa.url, upstream_url, **sections)
+        middlewares = ()
+        if sign_as is not None:
+            signer = signing_middleware(keyid=sign_as, secret=TEST_SECRETS[sign_as], clock=clock)
+            middlewares = (signer,)
         client: TestClient[Any, Any] = TestClient(
-            GatewayTestServer(create_app(config), host="127.0.0.1")
+            GatewayTestServer(create_app(config, clock=clock), host="127.0.0.1"),
+            middlewares=middlewares,
         )
         await client.start_server()
         clients.append(client)
@@ -221,8 +347,8 @@ async def registry_dsn(postgres_server: PostgresService) -> AsyncIterator[str]:
 
 @pytest.fixture
 def clock() -> PinnedClock:
-    """A pinned wall clock the test moves by hand."""
-    return PinnedClock()
+    """A pinned wall clock the test moves by hand, from 2026-11-23T00:00:00Z."""
+    return PinnedClock(T0)
 
 
 @pytest.fixture

@@ -21,21 +21,8 @@ from registry.settings import RegistrySettings
 Client = TestClient[Any, Any]
 RegistryFactory = Callable[..., Awaitable[Client]]
 
-#: 2026-11-23T00:00:00Z: tests start here and move the clock by hand.
+#: 2026-11-23T00:00:00Z: registry tests pin their clock (tests.conftest.PinnedClock) here.
 T0 = 1_795_392_000.0
-
-
-class PinnedClock:
-    """A wall clock that only moves when told to."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @asynccontextmanager

@@ -19,9 +19,9 @@ from gateway.context import RequestContext
 from gateway.errors import MalformedRequest, NoRoute
 from gateway.policy.input import build_input
 from tests.agentkit import AgentProcess, create_agent_app
-from tests.conftest import GatewayFactory, free_port
+from tests.conftest import GatewayFactory, PinnedClock, free_port
 from tests.problems import assert_problem
-from tests.registrykit import Client, PinnedClock, RegistryFactory, tenant
+from tests.registrykit import Client, RegistryFactory, tenant
 
 SECRET = "s3cret-" + "x" * 40
 ACME_KEY = {"Authorization": f"ApiKey acme-key.{SECRET}"}
@@ -57,7 +57,9 @@ def register(registry: Client) -> Register:
 async def make_agent_gateway(make_gateway: GatewayFactory, registry: Client) -> AgentGatewayFactory:
     """Gateways with one agent route, /agents/, reading the test registry."""
 
-    async def factory(route: dict[str, Any] | None = None, **agent: Any) -> Client:
+    async def factory(
+        route: dict[str, Any] | None = None, *, sign_as: str | None = None, **agent: Any
+    ) -> Client:
         settings = {"registry_url": str(registry.make_url("")).rstrip("/"), "cache_ttl_s": 0}
         settings.update(agent)
         table = {
@@ -65,12 +67,22 @@ async def make_agent_gateway(make_gateway: GatewayFactory, registry: Client) -> 
             "prefix": "/agents/",
             "kind": "agent",
             "auth": "api_key",
+            # Unsigned requests pass as unsigned; the API key names the tenant.
+            # TestSignedPipeline covers the route with signatures required.
+            "require_signature": False,
             "timeout_s": 2.0,
             "connect_timeout_s": 1.0,
             "agent": settings,
         }
         table.update(route or {})
-        return await make_gateway(routes=[table], api_keys=API_KEYS)
+        # Unsigned traffic counts against the per-IP anonymous quota (100/minute);
+        # these tests send hundreds of requests to exercise routing, not quotas.
+        return await make_gateway(
+            routes=[table],
+            api_keys=API_KEYS,
+            sign_as=sign_as,
+            ratelimit={"anonymous": "100000/minute"},
+        )
 
     return factory
 
@@ -289,6 +301,43 @@ class TestDirectRouting:
         assert await _agent_of(await cached.get("/agents/a1/x", headers=ACME_KEY)) == "a1"
         unseen = await cached.get("/agents/a2/x", headers=ACME_KEY)
         await assert_problem(unseen, 503, "dependency-unavailable", ["registry_unavailable"])
+
+
+class TestSignedPipeline:
+    async def test_signed_request_reaches_the_agent_through_every_stage(
+        self,
+        make_agent_gateway: AgentGatewayFactory,
+        register: Register,
+        agents: Callable[[str], Awaitable[str]],
+    ) -> None:
+        """With signatures required, a signed request with its body reaches the agent intact."""
+        await register("a1", await agents("a1"))
+        gateway = await make_agent_gateway({"require_signature": True}, sign_as="acme-k1")
+        response = await gateway.post("/agents/a1/tasks", data=b"x" * 500, headers=ACME_KEY)
+        seen = await response.json()
+        assert (response.status, seen["agent"], seen["body_bytes"]) == (200, "a1", 500)
+        assert seen["headers"]["x-nops-tenant"] == "acme"
+        assert "signature" not in seen["headers"]
+
+    async def test_signer_and_key_of_different_tenants_are_refused(
+        self,
+        make_agent_gateway: AgentGatewayFactory,
+        register: Register,
+        agents: Callable[[str], Awaitable[str]],
+    ) -> None:
+        """acme's signature with globex's API key never reaches globex's agents."""
+        await register("g1", await agents("g1"), owner="globex")
+        gateway = await make_agent_gateway({"require_signature": True}, sign_as="acme-k1")
+        response = await gateway.get("/agents/g1/x", headers=GLOBEX_KEY)
+        await assert_problem(response, 403, "tenant-mismatch")
+
+    async def test_unsigned_request_is_refused(
+        self, make_agent_gateway: AgentGatewayFactory
+    ) -> None:
+        """On a route that requires signatures, an unsigned request stops at the signature stage."""
+        gateway = await make_agent_gateway({"require_signature": True})
+        response = await gateway.get("/agents/a1/x", headers=ACME_KEY)
+        await assert_problem(response, 401, "missing-signature")
 
 
 class TestCapabilityRouting:

@@ -83,7 +83,15 @@ class TestAllowedRequests:
         # A host name, not an IP: cookie jars ignore cookies from IP addresses.
         by_name = f"http://localhost:{upstream.port}"
         gateway = await make_gateway(
-            routes=[{"name": "echo", "prefix": "/echo/", "upstream": by_name, "auth": "none"}]
+            routes=[
+                {
+                    "name": "echo",
+                    "prefix": "/echo/",
+                    "upstream": by_name,
+                    "auth": "none",
+                    "require_signature": False,
+                }
+            ]
         )
         first = await gateway.get("/echo/set-cookie")
         assert "upstream-session=s1" in first.headers["Set-Cookie"]
@@ -106,6 +114,13 @@ class TestDenials:
         response = await gateway.request(method, path)
         body = await assert_problem(response, 403, "policy-denied", reasons)
         assert len(body["decision_id"]) == 36
+
+    async def test_unsigned_request_to_signed_route_is_401(self, gateway: Client) -> None:
+        """A route that requires a signature refuses an unsigned request before the policy."""
+        response = await gateway.get("/locked/x")
+        body = await assert_problem(response, 401, "missing-signature", ["signature_missing"])
+        assert "decision_id" not in body
+        assert "Accept-Signature" in response.headers
 
     @pytest.mark.parametrize(
         ("decision_path", "reason"),
@@ -255,7 +270,15 @@ class TestFailures:
         """An upstream refusing connections is 502 upstream-unavailable."""
         dead = f"http://127.0.0.1:{free_port()}"
         client = await make_gateway(
-            routes=[{"name": "echo", "prefix": "/echo/", "upstream": dead, "auth": "none"}]
+            routes=[
+                {
+                    "name": "echo",
+                    "prefix": "/echo/",
+                    "upstream": dead,
+                    "auth": "none",
+                    "require_signature": False,
+                }
+            ]
         )
         await assert_problem(await client.get("/echo/x"), 502, "upstream-unavailable")
 

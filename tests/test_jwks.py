@@ -23,23 +23,11 @@ from gateway.jwks import (
     JwksUnavailable,
     parse_jwks,
 )
+from tests.conftest import PinnedClock as Clock
 from tests.conftest import free_port
 from tests.jwtissuer import FakeIssuer
 
 DEFAULT_ALGS = ("RS256", "ES256", "EdDSA")
-
-
-class Clock:
-    """A wall clock the test moves by hand."""
-
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

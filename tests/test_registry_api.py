@@ -12,9 +12,9 @@ import yarl
 from registry import RegistrySettings, create_app
 from registry.errors import __all__ as error_names
 from registry.settings import admin_key_digest
+from tests.conftest import PinnedClock
 from tests.registrykit import (
     Client,
-    PinnedClock,
     RegistryFactory,
     agent_body,
     assert_registry_problem,

@@ -16,10 +16,9 @@ import pytest
 
 from registry.app import RELAY
 from registry.outbox import HttpBusPublisher, LogPublisher, OutboxRelay, PublishError
-from tests.conftest import free_port
+from tests.conftest import PinnedClock, free_port
 from tests.registrykit import (
     FakeBus,
-    PinnedClock,
     RegistryFactory,
     agent_body,
     eventually,

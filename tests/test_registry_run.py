@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import shutil
 import signal
@@ -17,11 +18,13 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from gateway.apikeys import hash_secret
+from gateway.client import signing_middleware
 from registry.devdb import main as devdb
 from tests.agentkit import create_agent_app
 from tests.conftest import ROOT, free_port
 
 SECRET = "run-" + "s" * 40
+SIGNING_KEY = b"k" * 32
 KEY = {"Authorization": f"ApiKey demo.{SECRET}"}
 
 
@@ -44,6 +47,11 @@ def _config(path: Path, gateway: int, echo: int, registry: int) -> Path:
         .replace('opa_binary = ".tools/bin/opa"', f'opa_binary = "{ROOT / ".tools/bin/opa"}"')
     )
     text += f'\n[[api_keys]]\nid = "demo"\ntenant = "acme"\nhash = "{hash_secret(SECRET)}"\n'
+    # The shipped routes require signed requests: give acme a signing key.
+    text += (
+        '\n[[tenants]]\nid = "acme"\n\n[[tenants.keys]]\nkeyid = "acme-run"\n'
+        f'secret = "{base64.b64encode(SIGNING_KEY).decode()}"\n'
+    )
     config = path / "gateway.toml"
     config.write_text(text)
     return config
@@ -112,7 +120,8 @@ class TestRunCommand:
         await agent.start_server()
         base = f"http://127.0.0.1:{run_script.gateway_port}"
         try:
-            async with aiohttp.ClientSession() as session:
+            signer = signing_middleware(keyid="acme-run", secret=SIGNING_KEY)
+            async with aiohttp.ClientSession(middlewares=(signer,)) as session:
                 deadline = time.monotonic() + 60
                 while True:
                     assert run_script.alive, "scripts/run exited early"

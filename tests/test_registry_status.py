@@ -9,7 +9,8 @@ import pytest
 
 from registry.app import SWEEPER
 from registry.status import StatusPolicy, Sweeper
-from tests.registrykit import Client, PinnedClock, RegistryFactory, agent_body, tenant
+from tests.conftest import PinnedClock
+from tests.registrykit import Client, RegistryFactory, agent_body, tenant
 
 ACME = tenant("acme")
 POLICY = StatusPolicy(stale_after_s=15, zombie_after_s=60)

@@ -81,6 +81,7 @@ name = "echo"
 prefix = "/echo/"
 upstream = "{upstream_url}"
 auth = "none"
+require_signature = false
 """
     )
     process = GatewayProcess(config, free_port())
@@ -95,15 +96,16 @@ class TestServe:
     async def test_in_flight_requests_finish_on_sigterm(self, served: GatewayProcess) -> None:
         """SIGTERM: the slow in-flight request completes, then the process exits 0."""
         async with aiohttp.ClientSession() as session:
-            slow = asyncio.create_task(session.get(served.url + "/echo/slow/1.5"))
-            await asyncio.sleep(0.5)
+            slow = asyncio.create_task(session.get(served.url + "/echo/slow/3"))
+            # Time for the request to reach the gateway on a loaded machine.
+            await asyncio.sleep(1.0)
             assert served.process is not None
             served.process.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.2)
             served.process.send_signal(signal.SIGTERM)  # a second one must not cut it off
             response = await slow
             assert response.status == 200
-            assert (await response.json())["path"] == "/echo/slow/1.5"
+            assert (await response.json())["path"] == "/echo/slow/3"
         status, lines = await served.stop()
         assert status == 0
         messages = [line["msg"] for line in lines]

@@ -65,6 +65,7 @@ class Identity:
         if route is None or route.auth == "none":
             return None
         scheme, credential = _authorization(ctx.request, route)
+        signed_agent = ctx.subject.agent_id
         if scheme == "bearer" and route.auth in _TAKES_JWT:
             tenant, ctx.subject = await self._bearer(credential)
         elif scheme == "apikey" and route.auth in _TAKES_API_KEY:
@@ -85,6 +86,13 @@ class Identity:
                 "the credential belongs to another tenant than the request's signer",
                 reasons=("tenant_mismatch",),
             )
+        if signed_agent is not None:
+            if ctx.subject.agent_id not in (None, signed_agent):
+                raise TenantMismatch(
+                    "the credential names another agent than the request's signing key",
+                    reasons=("agent_mismatch",),
+                )
+            ctx.subject.agent_id = signed_agent
         missing = [scope for scope in route.scopes if scope not in ctx.subject.scopes]
         if missing:
             headers: dict[str, str] = {}

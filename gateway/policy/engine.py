@@ -27,6 +27,8 @@ class Decision:
     revision: str = ""
     #: Engine-side decision id when the engine assigns one (OPA with decision logs).
     engine_decision_id: str | None = None
+    #: True when the decision cache answered (same input, same revision).
+    cached: bool = False
 
 
 class PolicyEngine(Protocol):

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import yarl
+from opa_client.errors import PolicyNotFoundError
 from opa_client.opa_async import AsyncOpaClient
 
 from gateway.policy.engine import Decision, PolicyEngineError
@@ -67,6 +68,46 @@ class OpaEngine:
             revision=_revision(answer.get("provenance")),
             engine_decision_id=answer.get("decision_id"),
         )
+
+    async def revision(self) -> str:
+        """The revisions of the bundles OPA has activated now ("" when none).
+
+        Read from ``data.system.bundles`` (each activated bundle's manifest),
+        the same ``name=revision`` form as a decision's provenance.
+        """
+        if not self._started:
+            await self.start()
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                answer: dict[str, Any] = await self._client.get_data("system/bundles")
+        except PolicyNotFoundError:
+            return ""  # no bundle activated: OPA loaded plain files
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise PolicyEngineError(type(exc).__name__) from None
+        bundles = answer.get("result")
+        if not isinstance(bundles, Mapping):
+            return ""
+        return _revision(
+            {
+                "bundles": {
+                    name: info.get("manifest", {}) if isinstance(info, Mapping) else {}
+                    for name, info in bundles.items()
+                }
+            }
+        )
+
+    async def data(self, path: str) -> Any:
+        """The document at ``data/<path>`` (None when undefined)."""
+        if not self._started:
+            await self.start()
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                answer: dict[str, Any] = await self._client.get_data(path)
+        except PolicyNotFoundError:
+            return None
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise PolicyEngineError(type(exc).__name__) from None
+        return answer.get("result")
 
     async def healthy(self) -> bool:
         if not self._started:

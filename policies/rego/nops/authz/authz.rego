@@ -7,7 +7,11 @@
 #   every deny rule is written as "not <positive condition>", so a missing or
 #   ill-typed input field makes the condition undefined and the request denied.
 #   Routes are data, loaded from nops/routes/data.json as data.nops.routes.
+#   When input.target.kind is "egress", the D0..D4 gate in nops.egress is
+#   consulted too and its deny reasons become this decision's reasons.
 package nops.authz
+
+import data.nops.egress
 
 # METADATA
 # title: Decision
@@ -15,7 +19,8 @@ package nops.authz
 #   The one document the gateway queries. Always defined and always exactly
 #   {"allow": bool, "reasons": [string], "obligations": object}. reasons is
 #   ["allowed"] on allow, otherwise the sorted deny codes. obligations is the
-#   route's "obligations" object on allow, otherwise {}.
+#   route's "obligations" object on allow, merged (for egress) with the
+#   destination's, otherwise {}.
 # entrypoint: true
 decision := {
 	"allow": allow,
@@ -46,6 +51,8 @@ allow if count(deny) == 0
 #     - authentication_required
 #     - missing_scope
 #     - tenant_not_allowed
+#     - malformed_obligations
+#     - the nops.egress codes, for an egress target
 deny contains "unsupported_input_version" if not _version_supported
 
 deny contains "unknown_route" if not _route
@@ -70,16 +77,30 @@ deny contains "tenant_not_allowed" if {
 	not _tenant_allowed
 }
 
+deny contains "malformed_obligations" if {
+	_route
+	"obligations" in object.keys(_route)
+	not is_object(_route.obligations)
+}
+
+deny contains reason if {
+	_egress_target
+	some reason in egress.deny
+}
+
 _reasons := ["allowed"] if allow
 
 _reasons := sort(deny) if not allow
 
 default _obligations := {}
 
-_obligations := _route.obligations if {
-	allow
-	is_object(_route.obligations)
-}
+_obligations := object.union(object.get(_route, "obligations", {}), _egress_obligations) if allow
+
+default _egress_obligations := {}
+
+_egress_obligations := egress.decision.obligations if _egress_target
+
+_egress_target if input.target.kind == "egress"
 
 _version_supported if input.version == 1
 

@@ -234,6 +234,79 @@ test_deny_ill_typed_route_data_fails_closed if {
 	authz.decision == want with input as _scoped_locked with data.nops.routes as routes
 }
 
+# An egress request: acme's service sends D2 data to the payment processor.
+_egress := _locked_with({
+	"request": {"method": "POST", "path": "/egress/payments-api", "route": "egress"},
+	"subject": {"scopes": ["egress:send"]},
+	"target": {"kind": "egress", "destination": "payments-api", "classification": "D2"},
+})
+
+_egress_to(destination, classification) := object.union(_egress, {"target": {
+	"destination": destination,
+	"classification": classification,
+}})
+
+test_allow_egress_within_both_ceilings if {
+	authz.decision == _allowed with input as _egress
+}
+
+test_allow_egress_merges_route_and_destination_obligations if {
+	routes := {"egress": {"methods": ["POST"], "anonymous": true, "obligations": {"a": 1, "b": 1}}}
+	destinations := {"payments-api": {"ceiling": "D2", "obligations": {"b": 2, "c": 2}}}
+	want := {"allow": true, "reasons": ["allowed"], "obligations": {"a": 1, "b": 2, "c": 2}}
+	authz.decision == want with input as _egress with data.nops.routes as routes
+		with data.nops.egress_destinations as destinations
+}
+
+test_allow_non_egress_target_ignores_the_egress_gate if {
+	doc := _locked_with({"target": {"kind": "upstream", "destination": "nope", "classification": "D4"}})
+	authz.decision == _allowed with input as doc
+}
+
+test_deny_egress_reasons_become_decision_reasons if {
+	cases := [
+		["public-search", "D2", ["class_above_destination_ceiling"]],
+		["claims-processor", "D4", ["d4_never_leaves"]],
+		["nope", "D0", ["unknown_destination"]],
+		["payments-api", "D7", ["unknown_classification"]],
+		["payments-api", null, ["unknown_classification"]],
+	]
+	every case in cases {
+		authz.decision == _denied(case[2]) with input as _egress_to(case[0], case[1])
+	}
+}
+
+test_deny_egress_for_tenant_reasons if {
+	every case in [["globex", ["class_above_tenant_ceiling"]], ["initech", ["unknown_tenant"]]] {
+		doc := object.union(_egress, {"tenant": {"id": case[0]}})
+		authz.decision == _denied(case[1]) with input as doc
+	}
+}
+
+test_deny_egress_reasons_join_route_reasons if {
+	doc := object.union(_egress_to("nope", "D0"), {"subject": {"scopes": []}})
+	authz.decision == _denied(["missing_scope", "unknown_destination"]) with input as doc
+}
+
+test_deny_egress_withholds_all_obligations if {
+	routes := {"egress": {"methods": ["POST"], "anonymous": true, "obligations": {"a": 1}}}
+	doc := _egress_to("public-search", "D3")
+	authz.decision == _denied(["class_above_destination_ceiling"]) with input as doc with data.nops.routes as routes
+}
+
+test_deny_malformed_route_obligations if {
+	every obligations in [["strip_headers"], "x-debug", 1, null, true] {
+		routes := {"echo": {"methods": ["POST"], "anonymous": true, "obligations": obligations}}
+		authz.decision == _denied(["malformed_obligations"]) with input as _anonymous_echo with data.nops.routes as routes
+	}
+}
+
+test_deny_malformed_destination_obligations if {
+	destinations := {"payments-api": {"ceiling": "D2", "obligations": "audit"}}
+	want := _denied(["malformed_obligations"])
+	authz.decision == want with input as _egress with data.nops.egress_destinations as destinations
+}
+
 # Agent routing (issue #6): the gateway sends target.kind "agent" and the agent
 # id, or "capability:<name>", as target.destination.
 _agent_call := _locked_with({

@@ -1,0 +1,1 @@
+"""Contract and cross-implementation checks (decision vectors)."""

@@ -1,0 +1,95 @@
+"""Assemble the policy engine the decision stage talks to, from config.
+
+    ShadowEngine (if policy.shadow.enabled)      never changes the answer
+     └── CachingEngine (if policy.cache.enabled)  same input + revision, same answer
+          └── OpaEngine                           the enforcing OPA
+
+The shadow wrapper sits outside the cache so that cache hits are compared
+with the candidate too. The admin plane reads the parts through
+:class:`PolicyStack` (status, cache stats and flush, disagreement counts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Final
+
+from aiohttp import web
+
+from gateway.config import PolicyConfig
+from gateway.metrics import Metrics
+from gateway.policy.cache import CachingEngine
+from gateway.policy.engine import PolicyEngine
+from gateway.policy.opa import OpaEngine
+from gateway.policy.shadow import ShadowEngine
+
+__all__ = ["POLICY_STACK", "PolicyStack", "open_policy_stack"]
+
+_log = logging.getLogger("gateway.policy")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyStack:
+    #: What the decision stage asks.
+    engine: PolicyEngine
+    #: The enforcing OPA (revision, health).
+    opa: OpaEngine
+    cache: CachingEngine | None = None
+    shadow: ShadowEngine | None = None
+
+
+#: The application's policy stack (set while the app runs).
+POLICY_STACK: Final = web.AppKey("policy_stack", PolicyStack)
+
+
+@contextlib.asynccontextmanager
+async def open_policy_stack(
+    config: PolicyConfig, url: str, metrics: Metrics
+) -> AsyncIterator[PolicyStack]:
+    """Build and start the engines for ``config`` against the OPA at ``url``."""
+    opa = OpaEngine(url, decision_path=config.decision_path, timeout_s=config.timeout_s)
+    await opa.start()
+    engine: PolicyEngine = opa
+    cache: CachingEngine | None = None
+    shadow: ShadowEngine | None = None
+    try:
+        if config.cache.enabled:
+            cache = CachingEngine(
+                opa,
+                config.cache,
+                scope=config.decision_path,
+                revision_probe=opa.revision,
+                metrics=metrics,
+            )
+            engine = cache
+        if config.shadow.enabled:
+            candidate = OpaEngine(
+                config.shadow.url or url,
+                decision_path=config.shadow.decision_path,
+                timeout_s=config.shadow.timeout_s,
+            )
+            await candidate.start()
+            shadow = ShadowEngine(
+                engine,
+                candidate,
+                sample_rate=config.shadow.sample_rate,
+                timeout_s=config.shadow.timeout_s,
+                metrics=metrics,
+            )
+            engine = shadow
+        _log.info(
+            "policy engine ready",
+            extra={
+                "opa_url": url,
+                "decision_path": config.decision_path,
+                "cache": config.cache.enabled,
+                "shadow_path": config.shadow.decision_path if config.shadow.enabled else None,
+            },
+        )
+        yield PolicyStack(engine=engine, opa=opa, cache=cache, shadow=shadow)
+    finally:
+        # Each wrapper closes what it wraps.
+        await engine.close()

@@ -1,0 +1,358 @@
+"""The decision cache: keyed by input and revision, bounded, never stale across a revision."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import shutil
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import rfc8785
+from aiohttp.test_utils import TestClient
+
+from gateway.app import METRICS
+from gateway.config import PolicyCacheConfig
+from gateway.metrics import Metrics
+from gateway.policy.cache import CachingEngine, DecisionCache, cache_key, canonical_json
+from gateway.policy.engine import Decision, PolicyEngineError
+from gateway.policy.opa import OpaEngine
+from gateway.policy.result import REASON_UNDEFINED
+from gateway.policy.supervisor import LocalBundle, LocalOpa
+from tests.bundles import (  # noqa: F401 - the *_fixture names are fixtures
+    KeyPair,
+    build_bundle,
+    bundle_fixture,
+    copy_policies,
+    deny_echo_get,
+    keys_fixture,
+)
+from tests.conftest import OPA_BINARY, GatewayFactory, OpaProcess
+
+Client = TestClient[Any, Any]
+
+ECHO_GET: dict[str, Any] = {
+    "version": 1,
+    "request": {"method": "GET", "path": "/echo/x", "route": "echo", "query": {}},
+    "tenant": {"id": "acme", "tier": None},
+    "subject": {"sub": None, "scopes": [], "roles": [], "agent_id": None},
+    "signature": {"keyid": None, "alg": None, "created": None},
+    "target": {"kind": "upstream", "destination": "echo", "classification": None},
+    "source": {"ip": "127.0.0.1"},
+}
+ECHO_POST = {**ECHO_GET, "request": {**ECHO_GET["request"], "method": "POST"}}
+
+
+def with_ip(ip: str) -> dict[str, Any]:
+    return {**ECHO_GET, "source": {"ip": ip}}
+
+
+def decision(revision: str = "r1", allow: bool = True) -> Decision:
+    return Decision("d", allow, ("allowed",) if allow else ("denied",), {}, revision)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TestCanonicalJson:
+    @pytest.mark.parametrize(
+        "value",
+        [
+            pytest.param(ECHO_GET, id="policy-input"),
+            pytest.param({"b": 1, "a": [True, False, None, -5, ""]}, id="order-and-scalars"),
+            pytest.param({"s": '\x00\x1f\x7f"\\\b\f\n\r\t\u2028'}, id="escapes"),
+            pytest.param({"é": "ü€😀", "z": {"ß": "日本"}}, id="unicode"),
+            pytest.param({"\ue000": 1, "😀": 2}, id="keys-where-utf16-order-differs"),
+            pytest.param({"n": 2**53 - 1, "m": -(2**53 - 1)}, id="safe-integers"),
+            pytest.param({"f": 1.5, "g": 1e21, "h": 0.1}, id="floats"),
+            pytest.param([{"q": {"a": ["1", "2"]}}], id="nested"),
+        ],
+    )
+    def test_matches_rfc8785(self, value: Any) -> None:
+        """The fast path writes exactly the bytes of the rfc8785 reference."""
+        assert canonical_json(value) == rfc8785.dumps(value)
+
+    def test_unsafe_integers_are_refused_like_rfc8785(self) -> None:
+        """An integer beyond 2**53 is not canonical JSON: no key, no caching."""
+        with pytest.raises(rfc8785.IntegerDomainError):
+            canonical_json({"n": 2**53})
+
+
+class TestCacheKey:
+    def test_key_ignores_member_order(self) -> None:
+        """RFC 8785: the same document in another member order has the same key."""
+        reordered = dict(reversed(list(copy.deepcopy(ECHO_GET).items())))
+        assert cache_key(reordered, revision="r", scope="s") == cache_key(
+            ECHO_GET, revision="r", scope="s"
+        )
+
+    @pytest.mark.parametrize(
+        ("other", "kwargs"),
+        [
+            pytest.param(ECHO_POST, {}, id="input"),
+            pytest.param(with_ip("10.0.0.1"), {}, id="source-ip-is-in-the-key"),
+            pytest.param(ECHO_GET, {"revision": "r2"}, id="revision"),
+            pytest.param(ECHO_GET, {"scope": "nops/other/decision"}, id="decision-path"),
+        ],
+    )
+    def test_key_changes_with(self, other: Mapping[str, Any], kwargs: dict[str, str]) -> None:
+        """Input, revision and decision path are all part of the key."""
+        base = {"revision": "r1", "scope": "nops/authz/decision"}
+        assert cache_key(ECHO_GET, **base) != cache_key(other, **{**base, **kwargs})
+
+    def test_excluded_path_leaves_the_key(self) -> None:
+        """key_exclude drops a path (and only it) without changing the document."""
+        document = with_ip("10.0.0.1")
+        keep = cache_key(ECHO_GET, revision="r", scope="s", exclude=("source.ip",))
+        assert cache_key(document, revision="r", scope="s", exclude=("source.ip",)) == keep
+        assert document["source"] == {"ip": "10.0.0.1"}
+        assert cache_key(document, revision="r", scope="s", exclude=("nope.deep",)) != keep
+
+
+class TestDecisionCache:
+    def test_ttl_expires_entries(self) -> None:
+        """An entry is gone once ttl_s has passed."""
+        clock = Clock()
+        cache = DecisionCache(max_entries=10, max_entries_per_tenant=10, ttl_s=5, clock=clock)
+        cache.put("acme", "k", decision())
+        clock.now += 4.9
+        assert cache.get("acme", "k") == decision()
+        clock.now += 0.1
+        assert cache.get("acme", "k") is None
+        assert len(cache) == 0
+
+    def test_per_tenant_bound_evicts_that_tenants_oldest(self) -> None:
+        """A tenant over its share loses its own least recently used entry."""
+        cache = DecisionCache(max_entries=100, max_entries_per_tenant=2, ttl_s=60)
+        cache.put("acme", "a1", decision())
+        cache.put("acme", "a2", decision())
+        cache.get("acme", "a1")  # a1 is now the most recently used
+        cache.put("acme", "a3", decision())
+        assert [cache.get("acme", k) is not None for k in ("a1", "a2", "a3")] == [True, False, True]
+
+    def test_noisy_tenant_cannot_evict_the_others(self) -> None:
+        """At the global bound the fullest tenant gives up space, not the quiet ones."""
+        cache = DecisionCache(max_entries=4, max_entries_per_tenant=3, ttl_s=60)
+        cache.put("quiet", "q1", decision())
+        for index in range(10):
+            cache.put("noisy", f"n{index}", decision())
+        cache.put("other", "o1", decision())
+        assert cache.get("quiet", "q1") is not None
+        assert cache.get("other", "o1") is not None
+        assert len(cache) == 4
+        assert cache.evictions == 8
+
+
+class ScriptedEngine:
+    """Answers with a chosen revision; POSTs wait for ``gate`` (to order answers)."""
+
+    def __init__(self) -> None:
+        self.revision = "r1"
+        self.calls = 0
+        self.gate = asyncio.Event()
+
+    async def decide(self, document: Mapping[str, Any], decision_id: str) -> Decision:
+        self.calls += 1
+        revision = self.revision  # the policy that answers is the one loaded now
+        if document["request"]["method"] == "POST":
+            await self.gate.wait()
+        return Decision(decision_id, True, ("allowed",), {}, revision)
+
+    async def healthy(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None
+
+
+class TestCachingEngineRevisions:
+    """How the cache follows revisions, with a scripted engine to order answers."""
+
+    async def test_late_answer_from_old_revision_does_not_switch_back(self) -> None:
+        """An answer computed before a seen change neither switches nor fills the cache."""
+        inner = ScriptedEngine()
+        engine = CachingEngine(inner, PolicyCacheConfig(), scope="s")
+        await engine.decide(ECHO_GET, "d0")
+        assert engine.revision == "r1"
+        slow = asyncio.create_task(engine.decide(ECHO_POST, "d1"))
+        await asyncio.sleep(0)  # the slow request is in flight, answered by r1
+        inner.revision = "r2"
+        await engine.decide(with_ip("10.0.0.2"), "d2")  # learns r2
+        inner.gate.set()
+        old = await slow  # an r1 answer arriving after r2 was seen
+        assert (old.revision, engine.revision) == ("r1", "r2")
+        assert engine.stats().entries == 1  # only the r2 answer
+        assert (await engine.decide(with_ip("10.0.0.2"), "d3")).cached is True
+        assert (await engine.decide(ECHO_POST, "d4")).cached is False
+
+    async def test_unusable_decisions_are_never_cached(self) -> None:
+        """decision_undefined / decision_ill_typed are asked again every time."""
+
+        class Undefined(ScriptedEngine):
+            async def decide(self, document: Mapping[str, Any], decision_id: str) -> Decision:  # type: ignore[override]
+                self.calls += 1
+                return Decision(decision_id, False, (REASON_UNDEFINED,), {}, "r1")
+
+        inner = Undefined()
+        engine = CachingEngine(inner, PolicyCacheConfig(), scope="s")
+        for _ in range(3):
+            assert (await engine.decide(ECHO_GET, "d")).cached is False
+        assert inner.calls == 3
+
+
+@pytest.fixture
+async def bundle_opa(
+    tmp_path: Path, bundle: Path, keys: KeyPair
+) -> AsyncIterator[tuple[LocalOpa, OpaEngine]]:
+    """A local OPA on a signed bundle file the test may replace."""
+    live = tmp_path / "live.tar.gz"
+    shutil.copyfile(bundle, live)
+    opa = LocalOpa(OPA_BINARY, tmp_path, bundle=LocalBundle(live, keys.public))
+    await opa.start()
+    engine = OpaEngine(opa.url, decision_path="nops/authz/decision", timeout_s=2)
+    yield opa, engine
+    await engine.close()
+    await opa.stop()
+
+
+async def replace_policy(opa: LocalOpa, engine: OpaEngine, keys: KeyPair, tmp_path: Path) -> str:
+    """Publish a bundle in which GET on echo is denied; wait until OPA activated it."""
+    assert opa.bundle is not None
+    policies = copy_policies(tmp_path)
+    deny_echo_get(policies)
+    revision = f"nops={build_bundle(opa.bundle.file, keys, policy_dir=policies)}"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while await engine.revision() != revision:
+        assert loop.time() < deadline, "OPA did not activate the new bundle"
+        await asyncio.sleep(0.05)
+    return revision
+
+
+def caching(engine: OpaEngine, metrics: Metrics, **config: Any) -> CachingEngine:
+    return CachingEngine(
+        engine,
+        PolicyCacheConfig(**config),
+        scope="nops/authz/decision",
+        revision_probe=engine.revision,
+        metrics=metrics,
+    )
+
+
+class TestCachingEngineWithOpa:
+    async def test_repeated_input_is_answered_from_the_cache(
+        self, bundle_opa: tuple[LocalOpa, OpaEngine]
+    ) -> None:
+        """The second identical question is a hit, with its own decision id."""
+        metrics = Metrics()
+        engine = caching(bundle_opa[1], metrics)
+        first = await engine.decide(ECHO_GET, "d-1")
+        second = await engine.decide(ECHO_GET, "d-2")
+        assert (first.cached, second.cached) == (False, True)
+        assert (second.decision_id, second.allow, second.reasons) == ("d-2", True, ("allowed",))
+        assert second.revision == first.revision != ""
+        assert metrics.decision_cache["hit"] == 1
+        assert metrics.decision_cache["miss"] == 1
+        assert (await engine.decide(ECHO_POST, "d-3")).cached is False
+
+    async def test_plain_files_without_revision_are_never_cached(self, opa: OpaProcess) -> None:
+        """An OPA loaded from a directory reports no revision: nothing is cached."""
+        metrics = Metrics()
+        inner = OpaEngine(opa.url, decision_path="nops/authz/decision", timeout_s=2)
+        engine = caching(inner, metrics)
+        try:
+            for index in range(3):
+                answer = await engine.decide(ECHO_GET, f"d-{index}")
+                assert (answer.allow, answer.cached, answer.revision) == (True, False, "")
+            assert metrics.decision_cache["uncacheable"] == 3
+            assert engine.stats().entries == 0
+        finally:
+            await engine.close()
+
+    async def test_policy_change_is_never_served_from_a_stale_cache(
+        self, bundle_opa: tuple[LocalOpa, OpaEngine], keys: KeyPair, tmp_path: Path
+    ) -> None:
+        """revision_check_s = 0: once OPA activated a new bundle, the next answer is new."""
+        opa, inner = bundle_opa
+        engine = caching(inner, Metrics(), revision_check_s=0)
+        assert (await engine.decide(ECHO_GET, "d-1")).allow is True
+        assert (await engine.decide(ECHO_GET, "d-2")).cached is True
+        revision = await replace_policy(opa, inner, keys, tmp_path)
+        after = await engine.decide(ECHO_GET, "d-3")
+        assert (after.allow, after.reasons, after.cached) == (False, ("method_not_allowed",), False)
+        assert after.revision == engine.revision == revision
+        assert engine.stats().flushes >= 1
+
+    async def test_revision_seen_in_any_answer_empties_the_cache(
+        self, bundle_opa: tuple[LocalOpa, OpaEngine], keys: KeyPair, tmp_path: Path
+    ) -> None:
+        """Without a due revision check, a miss that reports the new revision empties the cache."""
+        opa, inner = bundle_opa
+        engine = caching(inner, Metrics(), revision_check_s=3600)
+        await engine.decide(ECHO_GET, "d-1")
+        assert (await engine.decide(ECHO_GET, "d-2")).cached is True
+        revision = await replace_policy(opa, inner, keys, tmp_path)
+        other = await engine.decide(ECHO_POST, "d-3")  # a miss, answered by the new bundle
+        assert (other.revision, engine.revision, engine.stats().entries) == (
+            revision,
+            revision,
+            1,
+        )
+        after = await engine.decide(ECHO_GET, "d-4")
+        assert (after.allow, after.cached) == (False, False)
+
+    async def test_revision_check_bounds_the_stale_window(
+        self, bundle_opa: tuple[LocalOpa, OpaEngine], keys: KeyPair, tmp_path: Path
+    ) -> None:
+        """With revision_check_s = 0.2, a hit is re-checked once that much time has passed."""
+        opa, inner = bundle_opa
+        engine = caching(inner, Metrics(), revision_check_s=0.2)
+        await engine.decide(ECHO_GET, "d-1")
+        await replace_policy(opa, inner, keys, tmp_path)
+        await asyncio.sleep(0.2)
+        after = await engine.decide(ECHO_GET, "d-2")
+        assert (after.allow, after.cached) == (False, False)
+
+    async def test_failed_revision_check_serves_nothing_from_the_cache(
+        self, bundle_opa: tuple[LocalOpa, OpaEngine]
+    ) -> None:
+        """OPA gone: the cache is emptied and the decision fails closed."""
+        opa, inner = bundle_opa
+        engine = caching(inner, Metrics(), revision_check_s=0)
+        await engine.decide(ECHO_GET, "d-1")
+        await opa.stop()
+        with pytest.raises(PolicyEngineError):
+            await engine.decide(ECHO_GET, "d-2")
+        assert (engine.stats().entries, engine.revision) == (0, "")
+
+
+class TestGatewayCache:
+    async def test_gateway_counts_hits_on_a_signed_bundle(
+        self, make_gateway: GatewayFactory, bundle: Path, keys: KeyPair
+    ) -> None:
+        """End to end: repeated identical requests are decided once, then from the cache."""
+        client = await make_gateway(
+            policy={
+                "url": "",
+                "opa_binary": str(OPA_BINARY),
+                "bundle_file": str(bundle),
+                "verification_key_file": str(keys.public),
+            }
+        )
+        statuses = [(await client.get("/echo/x")).status for _ in range(3)]
+        assert statuses == [200, 200, 200]
+        counts = client.server.app[METRICS].decision_cache
+        assert (counts["miss"], counts["hit"]) == (1, 2)
+
+    async def test_cache_can_be_disabled(self, make_gateway: GatewayFactory) -> None:
+        """policy.cache.enabled = false: every request asks OPA."""
+        client = await make_gateway(policy={"cache": {"enabled": False}})
+        assert (await client.get("/echo/x")).status == 200
+        assert client.server.app[METRICS].decision_cache == {}
