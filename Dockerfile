@@ -20,9 +20,15 @@ RUN pip install --no-cache-dir -c constraints.txt . && rm -rf /root/.cache
 COPY policies ./policies
 COPY config ./config
 COPY --from=opa /out/opa /usr/local/bin/opa
+# The audit data directory (chain id, signing key, file store, spool): the only
+# place the gateway writes; mount a volume here to keep it across containers.
+RUN mkdir -p /var/lib/nops/audit && chown -R gateway:gateway /var/lib/nops \
+    && chmod 0750 /var/lib/nops/audit
 USER gateway
 ENV NOPS_GATEWAY__SERVER__HOST=0.0.0.0 \
-    NOPS_GATEWAY__POLICY__OPA_BINARY=/usr/local/bin/opa
+    NOPS_GATEWAY__POLICY__OPA_BINARY=/usr/local/bin/opa \
+    NOPS_GATEWAY__AUDIT__PATH=/var/lib/nops/audit/audit.jsonl \
+    NOPS_GATEWAY__AUDIT__SPOOL_PATH=/var/lib/nops/audit/spool.jsonl
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=2)"]

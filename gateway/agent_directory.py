@@ -15,7 +15,7 @@ it. While the registry is unreachable, a cached answer keeps serving for
 Every endpoint URL is checked again here (http/https, a host, no
 credentials, query or fragment); a record that fails is dropped.
 
-See docs/adr/0005-agent-routing.md for why HTTP and not the database.
+See docs/adr/0007-agent-routing.md for why HTTP and not the database.
 """
 
 from __future__ import annotations

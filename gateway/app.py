@@ -1,9 +1,10 @@
 """The aiohttp application factory.
 
-Resources are created and closed in ``cleanup_ctx`` (in order: the policy
-engine, the upstream client session, the gateway's own outbound session, the
-pipeline), so a graceful shutdown lets in-flight requests finish before
-anything they use is closed.
+Resources are created and closed in ``cleanup_ctx`` (in order: Redis, the
+policy engine, the upstream client session, the gateway's own outbound
+session, the audit log, the pipeline), so a graceful shutdown lets in-flight
+requests finish before anything they use is closed; the audit log then writes
+its summaries and a final checkpoint.
 """
 
 from __future__ import annotations
@@ -20,18 +21,19 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from gateway.admin import register_admin_routes
+from gateway.auditing import AuditRecorder, audit_recorder
 from gateway.config import Config, PolicyConfig
 from gateway.context import REQUEST_CONTEXT
 from gateway.health import ReadinessChecker, health
 from gateway.metrics import Metrics
-from gateway.middleware import edge_middleware, set_security_headers
+from gateway.middleware import ON_OUTCOME, edge_middleware, set_security_headers
 from gateway.pipeline import Pipeline, PipelineDeps, build_pipeline
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.stack import POLICY_STACK, open_policy_stack
 from gateway.policy.supervisor import LocalBundle, LocalOpa
 from gateway.proxy import ReverseProxy
 
-__all__ = ["CONFIG", "ENGINE", "METRICS", "PIPELINE", "REDIS", "create_app"]
+__all__ = ["AUDIT", "CONFIG", "ENGINE", "METRICS", "PIPELINE", "REDIS", "create_app"]
 
 _log = logging.getLogger("gateway.app")
 
@@ -41,6 +43,8 @@ PIPELINE: Final = web.AppKey("pipeline", Pipeline)
 METRICS: Final = web.AppKey("metrics", Metrics)
 #: The shared Redis client, or None on a single node without Redis.
 REDIS: Final[web.AppKey[Redis | None]] = web.AppKey("redis")
+#: The audit recorder, or None when audit.enabled is false.
+AUDIT: Final[web.AppKey[AuditRecorder | None]] = web.AppKey("audit")
 _HTTP: Final = web.AppKey("http_session", aiohttp.ClientSession)
 #: The gateway's own outbound calls (JWKS): no cookies, apart from the proxy's pool.
 _OUTBOUND: Final = web.AppKey("outbound_session", aiohttp.ClientSession)
@@ -72,6 +76,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
     app.cleanup_ctx.append(_policy_engine)
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_outbound_session)
+    app.cleanup_ctx.append(_audit)
     app.cleanup_ctx.append(_pipeline)
     app.router.add_get("/health", health)
     app.router.add_get("/_readyz", _readyz)
@@ -149,6 +154,26 @@ async def _outbound_session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _audit(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    if not config.audit.enabled:
+        _log.warning("audit log disabled: decisions are not recorded")
+        app[AUDIT] = None
+        yield
+        return
+    async with audit_recorder(config, clock=app[_CLOCK]) as recorder:
+        app[AUDIT] = recorder
+        app[ON_OUTCOME] = recorder.record_outcome
+        log = recorder.log
+
+        async def audit_ok() -> bool:
+            return log.healthy
+
+        # Not ready while decisions cannot be recorded (store and spool failing).
+        app[_READINESS].probes["audit"] = audit_ok
+        yield
+
+
 async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     proxy = ReverseProxy(
@@ -165,6 +190,7 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
             metrics=app[METRICS],
             clock=app[_CLOCK],
             http=app[_OUTBOUND],
+            audit=app[AUDIT],
         )
     )
     try:

@@ -49,6 +49,10 @@ class RequestContext:
     #: digest); the proxy then sends these bytes instead of streaming.
     body: bytes | None = None
     decision: Decision | None = None
+    #: The policy input document the decision stage sent (for the audit digest).
+    policy_input: dict[str, Any] | None = None
+    #: Sequence number of this request's audit record, once durable.
+    audit_seq: int | None = None
     upstream_status: int | None = None
     #: On an agent route: the agent or capability the path names (set by intake).
     agent_target: AgentTarget | None = None

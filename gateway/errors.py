@@ -27,6 +27,7 @@ turned into RFC 9457 problem+json only at the HTTP edge
      ├── PolicyUnavailable         503 policy-unavailable
      ├── DependencyUnavailable     503 dependency-unavailable
      ├── AgentUnavailable          503 agent-unavailable    (carries reasons)
+     ├── AuditUnavailable          503 audit-unavailable    (no durable record: not forwarded)
      ├── UpstreamUnavailable       502 upstream-unavailable
      ├── UpstreamTimeout           504 upstream-timeout
      └── InternalError             500 internal-error
@@ -45,6 +46,7 @@ __all__ = [
     "AdminUnauthenticated",
     "AgentNotFound",
     "AgentUnavailable",
+    "AuditUnavailable",
     "BadSignature",
     "DependencyUnavailable",
     "GatewayError",
@@ -227,6 +229,12 @@ class AgentUnavailable(GatewayError):
     code = "agent-unavailable"
     status = 503
     title = "No agent available"
+
+
+class AuditUnavailable(GatewayError):
+    code = "audit-unavailable"
+    status = 503
+    title = "Audit log unavailable"
 
 
 class UpstreamUnavailable(GatewayError):

@@ -10,7 +10,7 @@ import ipaddress
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Final
 
 from aiohttp import hdrs, web
@@ -18,6 +18,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from gateway.context import REQUEST_CONTEXT, RequestContext
 from gateway.errors import (
+    AuditUnavailable,
     GatewayError,
     InternalError,
     MalformedRequest,
@@ -29,9 +30,22 @@ from gateway.logs import REQUEST_ID
 from gateway.metrics import Metrics
 from gateway.problem import problem_response
 
-__all__ = ["SECURITY_HEADERS", "client_ip", "edge_middleware", "set_security_headers"]
+__all__ = [
+    "ON_OUTCOME",
+    "SECURITY_HEADERS",
+    "OutcomeHook",
+    "client_ip",
+    "edge_middleware",
+    "set_security_headers",
+]
 
 _log = logging.getLogger("gateway.request")
+
+#: Called with every request the pipeline ended with an error, before its
+#: problem response is sent (the audit log's hook). It may raise a
+#: GatewayError, which then replaces the error (audit-unavailable).
+OutcomeHook = Callable[[RequestContext, GatewayError], Awaitable[None]]
+ON_OUTCOME: Final[web.AppKey[OutcomeHook]] = web.AppKey("on_outcome")
 
 # SECURITY: set on every response, overriding an upstream's values, so the
 # perimeter's guarantees do not depend on each upstream's hygiene.
@@ -102,6 +116,7 @@ def edge_middleware(
                 _log.exception("unhandled error", extra={"stage": ctx.stage})
                 error = InternalError("the gateway failed to handle this request")
             if error is not None:
+                error = await _report_outcome(request, ctx, error)
                 response = problem_response(error, request_id=request_id)
             status = response.status
             return response
@@ -117,6 +132,22 @@ def edge_middleware(
             REQUEST_ID.reset(token)
 
     return edge
+
+
+async def _report_outcome(
+    request: web.Request, ctx: RequestContext, error: GatewayError
+) -> GatewayError:
+    hook = request.app.get(ON_OUTCOME)
+    if hook is None:
+        return error
+    try:
+        await hook(ctx, error)
+    except GatewayError as exc:
+        return exc
+    except Exception:  # noqa: BLE001 - SECURITY: an unrecorded denial still fails closed
+        _log.exception("outcome hook failed", extra={"stage": ctx.stage})
+        return AuditUnavailable("the outcome could not be recorded")
+    return error
 
 
 def _from_http_exception(exc: web.HTTPException) -> GatewayError:
@@ -151,6 +182,8 @@ def _log_request(ctx: RequestContext, status: int, error: GatewayError | None) -
             entry["decision_id"] = error.extra["decision_id"]
     if ctx.upstream_status is not None:
         entry["upstream_status"] = ctx.upstream_status
+    if ctx.audit_seq is not None:
+        entry["audit_seq"] = ctx.audit_seq
     level = logging.ERROR if status >= 500 else logging.INFO
     _log.log(level, "request", extra=entry)
 

@@ -3,7 +3,7 @@
 An aiohttp service (:mod:`registry.app`, ``python -m registry serve``) over
 PostgreSQL through asyncpg. It owns its storage (the PostgreSQL schema
 ``registry``, migrated by :mod:`registry.migrate`) and never imports the
-gateway; the gateway reads it over HTTP (docs/adr/0005-agent-routing.md).
+gateway; the gateway reads it over HTTP (docs/adr/0007-agent-routing.md).
 
 Modules: :mod:`~registry.model` (agents and input validation),
 :mod:`~registry.store` (tenant-scoped queries), :mod:`~registry.status`

@@ -302,8 +302,13 @@ def gateway_config(opa_url: str, upstream_url: str, **sections: Any) -> Config:
 
 
 @pytest.fixture
-async def make_gateway(opa: OpaProcess, upstream: TestServer) -> AsyncIterator[GatewayFactory]:
-    """Build gateways against the session OPA and the test upstream."""
+async def make_gateway(
+    opa: OpaProcess, upstream: TestServer, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[GatewayFactory]:
+    """Build gateways against the session OPA and the test upstream.
+
+    Each gateway gets its own audit directory unless ``audit`` names one.
+    """
     clients: list[TestClient[Any, Any]] = []
     upstream_url = str(upstream.make_url("")).rstrip("/")
 
@@ -311,6 +316,12 @@ async def make_gateway(opa: OpaProcess, upstream: TestServer) -> AsyncIterator[G
         *, clock: Callable[[], float] = time.time, sign_as: str | None = None, **sections: Any
     ) -> TestClient[Any, Any]:
         """``sign_as`` (a keyid of TEST_SECRETS): the client signs every request with it."""
+        audit = dict(sections.get("audit", {}))
+        if "path" not in audit:
+            audit_dir = tmp_path_factory.mktemp("audit")
+            audit.setdefault("path", str(audit_dir / "audit.jsonl"))
+            audit.setdefault("spool_path", str(audit_dir / "spool.jsonl"))
+        sections = {**sections, "audit": audit}
         config = gateway_config(opa.url, upstream_url, **sections)
         middlewares = ()
         if sign_as is not None:

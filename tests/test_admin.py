@@ -198,7 +198,12 @@ class TestAdminApi:
             assert admin_secret not in text
         assert "sha256:" not in text  # no configured hash (alg "hmac-sha256" is fine)
         assert {"id": "viewer", "role": "VIEWER"} in body["admin_keys"]
-        assert [k["keyid"] for k in body["tenant_keys"]] == ["acme-k1", "acme-k0", "globex-k1"]
+        assert [(k["keyid"], k["agent_id"]) for k in body["tenant_keys"]] == [
+            ("acme-k1", None),
+            ("acme-k0", None),
+            ("acme-agent-a1", "a1"),
+            ("globex-k1", None),
+        ]
         assert body["api_keys"] == [
             {"id": "agent-1", "tenant": "acme", "agent_id": None, "scopes": [], "roles": []}
         ]
@@ -222,7 +227,7 @@ class TestAdminApi:
             "id": "acme",
             "configured": True,
             "tier": "professional",
-            "keyids": ["acme-k1", "acme-k0"],
+            "keyids": ["acme-k1", "acme-k0", "acme-agent-a1"],
             "egress_ceiling": "D3",
         }
         assert [t["id"] for t in tenants["tenants"]] == ["acme", "globex"]

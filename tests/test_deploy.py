@@ -36,3 +36,14 @@ class TestArtefacts:
         dockerfile = (ROOT / "Dockerfile").read_text()
         for package in ("gateway", "egress", "registry", "bus", "audit", "policies", "config"):
             assert f"COPY {package} ./{package}" in dockerfile
+
+    def test_image_audit_data_is_writable_and_compose_keeps_it(self) -> None:
+        """The audit paths point into a directory the image gives the gateway user;
+        compose (read-only root) mounts a volume there and records into PostgreSQL."""
+        dockerfile = (ROOT / "Dockerfile").read_text()
+        compose = (ROOT / "compose.yaml").read_text()
+        assert "chown -R gateway:gateway /var/lib/nops" in dockerfile
+        assert "NOPS_GATEWAY__AUDIT__PATH=/var/lib/nops/audit/audit.jsonl" in dockerfile
+        assert "NOPS_GATEWAY__AUDIT__SPOOL_PATH=/var/lib/nops/audit/spool.jsonl" in dockerfile
+        assert "- audit:/var/lib/nops/audit" in compose
+        assert "NOPS_GATEWAY__AUDIT__STORE: postgres" in compose

@@ -33,7 +33,7 @@ class TestReadiness:
         assert response.status == 200
         assert await response.json() == {
             "status": "ready",
-            "checks": {"opa": "ok", "redis": "ok", "postgres": "ok"},
+            "checks": {"opa": "ok", "redis": "ok", "postgres": "ok", "audit": "ok"},
         }
 
     @pytest.mark.parametrize("down", ["redis", "postgres", "opa"])
@@ -67,7 +67,8 @@ class TestReadiness:
             assert body["type"] == problem_type("dependency-unavailable")
             assert body["unavailable"] == [down]
             assert down in body["detail"]
-            assert {k for k, v in body["checks"].items() if v == "ok"} == set(services) - {down}
+            ok = {k for k, v in body["checks"].items() if v == "ok"}
+            assert ok == (set(services) | {"audit"}) - {down}
             services[down].start()
             assert (await client.get("/_readyz")).status == 200
         finally:

@@ -76,6 +76,9 @@ async def served(
 shutdown_timeout_s = 10
 [policy]
 url = "{opa.url}"
+[audit]
+path = "{tmp_path / "audit" / "audit.jsonl"}"
+spool_path = "{tmp_path / "audit" / "spool.jsonl"}"
 [[routes]]
 name = "echo"
 prefix = "/echo/"

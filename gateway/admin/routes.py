@@ -167,6 +167,7 @@ class _Admin:
                     "alg": key.alg,
                     "not_before": key.not_before or None,
                     "not_after": key.not_after or None,
+                    "agent_id": key.agent_id or None,
                 }
                 for tenant in config.tenants
                 for key in tenant.keys

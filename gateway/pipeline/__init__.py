@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import web
 from redis.asyncio import Redis
 
+from gateway.auditing import AuditRecorder
 from gateway.config import Config
 from gateway.context import RequestContext
 from gateway.errors import InternalError
@@ -56,6 +57,8 @@ class PipelineDeps:
     redis: Redis | None = None
     #: Wall-clock seconds (time.time); tests pin it.
     clock: Callable[[], float] = time.time
+    #: The audit log's recorder; None when audit.enabled is false.
+    audit: AuditRecorder | None = None
     #: For the gateway's own outbound calls (JWKS); not the proxy's pool.
     http: aiohttp.ClientSession | None = None
 

@@ -31,6 +31,7 @@ class DecisionStage:
     async def run(self, ctx: RequestContext) -> web.StreamResponse | None:
         decision_id = str(uuid.uuid4())
         document = build_input(ctx)
+        ctx.policy_input = document
         try:
             decision = await self._engine.decide(document, decision_id)
         except PolicyEngineError as exc:

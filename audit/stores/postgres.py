@@ -1,0 +1,262 @@
+"""The cluster store: PostgreSQL via asyncpg, one INSERT per batch in one transaction.
+
+Every gateway instance writes its own chain (``chain_id``), so replicas never
+contend for a row. ``record`` holds the canonical JSON document exactly as
+hashed (text, not jsonb: jsonb would reject a NUL escape and re-order keys);
+the other columns are copies for querying and are not trusted by ``verify``.
+
+A trigger refuses UPDATE, DELETE and TRUNCATE on both tables. That is a guard
+against accidents, not the security property: a superuser can disable it,
+which is why the chain and the signed checkpoints exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+from typing import Any, Final
+
+import asyncpg
+import orjson
+
+from audit.record import Record, RecordFormatError, canonical, record_hash
+from audit.stores import Head, StoreError
+
+__all__ = ["SCHEMA", "PostgresStore", "iter_checkpoints", "iter_records"]
+
+_log = logging.getLogger("audit.postgres")
+
+# Serialises schema creation between replicas starting at once.
+_DDL_LOCK: Final = 0x6E6F7073_61756474  # "nopsaudt"
+
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS audit_records (
+    chain_id   text        NOT NULL,
+    seq        bigint      NOT NULL CHECK (seq > 0),
+    ts         timestamptz NOT NULL,
+    request_id text,
+    tenant     text,
+    outcome    text        NOT NULL,
+    code       text,
+    hash       text        NOT NULL,
+    record     text        NOT NULL,
+    PRIMARY KEY (chain_id, seq)
+);
+CREATE TABLE IF NOT EXISTS audit_checkpoints (
+    chain_id   text   NOT NULL,
+    seq        bigint NOT NULL,
+    hash       text   NOT NULL,
+    checkpoint text   NOT NULL,
+    PRIMARY KEY (chain_id, seq)
+);
+CREATE OR REPLACE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'audit tables are append-only (% on %)', TG_OP, TG_TABLE_NAME;
+END $$;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'audit_records_append_only') THEN
+        CREATE TRIGGER audit_records_append_only BEFORE UPDATE OR DELETE ON audit_records
+            FOR EACH ROW EXECUTE FUNCTION audit_append_only();
+        CREATE TRIGGER audit_records_no_truncate BEFORE TRUNCATE ON audit_records
+            FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();
+        CREATE TRIGGER audit_checkpoints_append_only BEFORE UPDATE OR DELETE ON audit_checkpoints
+            FOR EACH ROW EXECUTE FUNCTION audit_append_only();
+    END IF;
+END $$;
+"""
+
+_SCHEMA_READY: Final = """
+SELECT to_regclass('audit_records') IS NOT NULL
+   AND to_regclass('audit_checkpoints') IS NOT NULL
+   AND EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'audit_records_append_only')
+"""
+_INSERT: Final = """
+INSERT INTO audit_records (chain_id, seq, ts, request_id, tenant, outcome, code, hash, record)
+SELECT $1, * FROM unnest(
+    $2::bigint[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::text[],
+    $8::text[], $9::text[]
+)
+"""
+_HEAD: Final = """
+SELECT record FROM audit_records WHERE chain_id = $1 ORDER BY seq DESC LIMIT 1
+"""
+_LAST_CHECKPOINT: Final = """
+SELECT checkpoint FROM audit_checkpoints WHERE chain_id = $1 ORDER BY seq DESC LIMIT 1
+"""
+_INSERT_CHECKPOINT: Final = """
+INSERT INTO audit_checkpoints (chain_id, seq, hash, checkpoint) VALUES ($1, $2, $3, $4)
+"""
+
+#: Exceptions that mean "the database could not be used", as opposed to a bug.
+_DB_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+class PostgresStore:
+    kind = "postgres"
+
+    def __init__(self, dsn: str, *, chain_id: str, timeout_s: float = 2.0) -> None:
+        self.chain_id = chain_id
+        self.head: Head | None = None
+        self.dirty = False
+        self.opened = False
+        self.syncs = 0
+        self._dsn = dsn
+        self._timeout = timeout_s
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> Head | None:
+        self.opened = False
+        try:
+            if self._pool is None:
+                self._pool = await asyncpg.create_pool(
+                    self._dsn,
+                    min_size=1,
+                    max_size=4,
+                    timeout=self._timeout,
+                    command_timeout=self._timeout,
+                )
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                # Only create what is missing, so a role with INSERT and SELECT
+                # alone can run the gateway once the tables exist.
+                if not await conn.fetchval(_SCHEMA_READY):
+                    async with conn.transaction():
+                        await conn.execute("SELECT pg_advisory_xact_lock($1)", _DDL_LOCK)
+                        await conn.execute(SCHEMA)
+                line = await conn.fetchval(_HEAD, self.chain_id)
+        except _DB_ERRORS as exc:
+            raise StoreError(f"postgres: cannot open the audit tables: {_describe(exc)}") from None
+        self.head = None if line is None else _head(line, self.chain_id)
+        self.dirty = False
+        self.opened = True
+        return self.head
+
+    async def write(self, records: Sequence[Record]) -> None:
+        if not records:
+            return
+        if self._pool is None or not self.opened or self.dirty:
+            raise StoreError("postgres: the store is not open")
+        columns = _columns(records)
+        phase = "connect"
+        try:
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                phase = "insert"
+                transaction = conn.transaction()
+                await transaction.start()
+                try:
+                    await conn.execute(_INSERT, self.chain_id, *columns)
+                except BaseException:
+                    await transaction.rollback()
+                    raise
+                # SECURITY: an error from here on leaves the outcome unknown
+                # (the COMMIT may have landed): the store must re-read its tail.
+                phase = "commit"
+                await transaction.commit()
+        except _DB_ERRORS as exc:
+            if phase == "commit":
+                self.dirty = True
+            raise StoreError(f"postgres: batch not written ({phase}): {_describe(exc)}") from None
+        self.syncs += 1
+        self.head = Head(records[-1].seq, records[-1].hash)
+
+    async def write_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._pool is None:
+            raise StoreError("postgres: the store is not open")
+        try:
+            await self._pool.execute(
+                _INSERT_CHECKPOINT,
+                self.chain_id,
+                checkpoint["seq"],
+                checkpoint["hash"],
+                canonical(checkpoint).decode(),
+                timeout=self._timeout,
+            )
+        except _DB_ERRORS as exc:
+            raise StoreError(f"postgres: checkpoint not written: {_describe(exc)}") from None
+
+    async def last_checkpoint(self) -> dict[str, Any] | None:
+        if self._pool is None:
+            raise StoreError("postgres: the store is not open")
+        try:
+            text = await self._pool.fetchval(_LAST_CHECKPOINT, self.chain_id)
+        except _DB_ERRORS as exc:
+            raise StoreError(f"postgres: cannot read checkpoints: {_describe(exc)}") from None
+        if text is None:
+            return None
+        document: dict[str, Any] = orjson.loads(text)
+        return document
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        self.opened = False
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=self._timeout)
+            except (TimeoutError, *_DB_ERRORS):
+                pool.terminate()
+
+
+def _describe(exc: BaseException) -> str:
+    # SECURITY: the exception type and message, never the DSN (it may hold a password).
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _head(line: str, chain_id: str) -> Head:
+    try:
+        document = orjson.loads(line)
+        record = Record.from_document(document)
+    except (orjson.JSONDecodeError, RecordFormatError) as exc:
+        raise StoreError(
+            f"postgres: the last record is damaged ({exc}); run audit verify"
+        ) from None
+    if record_hash(document) != record.hash or record.chain_id != chain_id:
+        raise StoreError(f"postgres: the last record (seq {record.seq}) fails its hash check")
+    return Head(record.seq, record.hash)
+
+
+def _column_text(value: str | None) -> str | None:
+    # PostgreSQL text cannot hold NUL; these columns are only for querying.
+    return None if value is None else value.replace("\x00", "\ufffd")
+
+
+def _columns(records: Sequence[Record]) -> list[list[Any]]:
+    return [
+        [r.seq for r in records],
+        [datetime.fromisoformat(r.ts) for r in records],
+        [_column_text(r.entry.request_id) for r in records],
+        [_column_text(r.entry.tenant) for r in records],
+        [r.entry.outcome for r in records],
+        [_column_text(r.entry.code) for r in records],
+        [r.hash for r in records],
+        [r.to_line()[:-1].decode() for r in records],
+    ]
+
+
+async def iter_records(
+    conn: asyncpg.Connection, chain_id: str, *, page: int = 5000
+) -> AsyncIterator[tuple[int, str]]:
+    """``(seq column, record text)`` of a chain in ``seq`` order, page by page."""
+    last = 0
+    while True:
+        rows = await conn.fetch(
+            "SELECT seq, record FROM audit_records WHERE chain_id = $1 AND seq > $2 "
+            "ORDER BY seq LIMIT $3",
+            chain_id,
+            last,
+            page,
+        )
+        for row in rows:
+            yield row["seq"], row["record"]
+        if len(rows) < page:
+            return
+        last = rows[-1]["seq"]
+
+
+async def iter_checkpoints(conn: asyncpg.Connection, chain_id: str) -> list[str]:
+    """The checkpoint documents of a chain, in ``seq`` order."""
+    rows = await conn.fetch(
+        "SELECT checkpoint FROM audit_checkpoints WHERE chain_id = $1 ORDER BY seq", chain_id
+    )
+    return [row["checkpoint"] for row in rows]
