@@ -257,8 +257,9 @@ class CachingEngine:
         tenant = _tenant_of(document)
         if self._cache and self._probe is not None:
             await self._check_revision()
-        canonical = self._canonical(document)
-        key = self._key(canonical, self.revision) if self.revision else None
+        # The canonical form costs ~0.1 ms: only made once a revision makes it usable.
+        canonical = self._canonical(document) if self.revision else None
+        key = self._key(canonical, self.revision)
         if key is not None:
             cached = self._cache.get(tenant, key)
             if cached is not None:
@@ -270,13 +271,16 @@ class CachingEngine:
         decision = await self._inner.decide(document, decision_id)
         self._observe(decision.revision, epoch)
         # A decision is stored only under the revision OPA reported with it.
-        store = (
-            self._key(canonical, decision.revision)
-            if decision.revision
-            and decision.revision == self.revision
-            and not _UNCACHEABLE_REASONS.intersection(decision.reasons)
-            else None
-        )
+        if (
+            not decision.revision
+            or decision.revision != self.revision
+            or _UNCACHEABLE_REASONS.intersection(decision.reasons)
+        ):
+            self._count("uncacheable")
+            return decision
+        if canonical is None:
+            canonical = self._canonical(document)
+        store = self._key(canonical, decision.revision)
         if store is None:
             self._count("uncacheable")
             return decision
