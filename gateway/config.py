@@ -47,6 +47,7 @@ __all__ = [
     "HMAC_ALGORITHMS",
     "AdminConfig",
     "AdminKeyConfig",
+    "AgentRouteConfig",
     "ApiKeyConfig",
     "AuditConfig",
     "Config",
@@ -316,6 +317,49 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentRouteConfig:
+    """How a ``kind = "agent"`` route finds agents in the registry and calls them."""
+
+    #: Base URL of the registry service (``GET /agents/{id}``, ``GET /agents?capability=``).
+    registry_url: str
+    #: Seconds a registry answer is reused before asking again.
+    cache_ttl_s: float = 2.0
+    #: Seconds past the TTL a cached answer still serves while the registry is unreachable.
+    stale_if_error_s: float = 30.0
+    #: Seconds one registry lookup may take.
+    registry_timeout_s: float = 1.0
+    #: Further attempts after the first: for idempotent methods on any failure,
+    #: for every method when the request never left (connect failure, open circuit).
+    retries: int = 2
+    #: Jittered exponential backoff between attempts: base, doubling, capped.
+    backoff_base_s: float = 0.025
+    backoff_max_s: float = 0.25
+    #: Consecutive failures (connect errors, timeouts, 502/503/504) that open an
+    #: endpoint's circuit.
+    circuit_failures: int = 5
+    #: Seconds an open circuit refuses calls before letting a trial through (half-open).
+    circuit_open_s: float = 5.0
+    #: Trial calls let through at once while half-open.
+    circuit_half_open_max: int = 1
+
+    def validate(self, key: str) -> None:
+        _require_http_url(self.registry_url, f"{key}.registry_url")
+        _require(self.cache_ttl_s >= 0, f"{key}.cache_ttl_s", "must be >= 0")
+        _require(self.stale_if_error_s >= 0, f"{key}.stale_if_error_s", "must be >= 0")
+        _require(self.registry_timeout_s > 0, f"{key}.registry_timeout_s", "must be > 0")
+        _require(0 <= self.retries <= 10, f"{key}.retries", "must be between 0 and 10")
+        _require(self.backoff_base_s > 0, f"{key}.backoff_base_s", "must be > 0")
+        _require(
+            self.backoff_max_s >= self.backoff_base_s,
+            f"{key}.backoff_max_s",
+            "must be >= backoff_base_s",
+        )
+        _require(self.circuit_failures >= 1, f"{key}.circuit_failures", "must be >= 1")
+        _require(self.circuit_open_s > 0, f"{key}.circuit_open_s", "must be > 0")
+        _require(self.circuit_half_open_max >= 1, f"{key}.circuit_half_open_max", "must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
 class RateLimitTierConfig:
     """Limits for the tenants of one tier; an empty string means no limit at that level."""
 
@@ -379,11 +423,17 @@ class RateLimitConfig:
 
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
-    """A path prefix proxied to one upstream, after the whole pipeline."""
+    """A path prefix proxied, after the whole pipeline, to one upstream or to agents."""
 
     name: str
     prefix: str
-    upstream: str
+    #: kind = "upstream": the base URL requests are proxied to.
+    upstream: str = ""
+    #: "upstream" (one fixed upstream) or "agent" (``/prefix/{agent_id}/...`` and
+    #: ``/prefix/by-capability/{capability}/...``, looked up in the registry).
+    kind: Literal["upstream", "agent"] = "upstream"
+    #: kind = "agent": the registry and the retry and circuit-breaker settings.
+    agent: AgentRouteConfig | None = None
     #: Remove ``prefix`` from the path sent upstream.
     strip_prefix: bool = False
     #: Seconds for the whole upstream exchange (headers and body).
@@ -412,7 +462,21 @@ class RouteConfig:
             f"{key}.prefix",
             "must start and end with '/'",
         )
-        _require_http_url(self.upstream, f"{key}.upstream")
+        if self.kind == "agent":
+            _require(not self.upstream, f"{key}.upstream", "an agent route has no fixed upstream")
+            if self.agent is None:
+                raise ConfigError(f"{key}.agent", 'kind = "agent" needs an agent table')
+            self.agent.validate(f"{key}.agent")
+            # SECURITY: agents are looked up per tenant; an anonymous caller has none.
+            _require(self.auth != "none", f"{key}.auth", 'an agent route cannot be auth = "none"')
+            _require(
+                not self.strip_prefix,
+                f"{key}.strip_prefix",
+                "agent routes always send the path after the agent id",
+            )
+        else:
+            _require_http_url(self.upstream, f"{key}.upstream")
+            _require(self.agent is None, f"{key}.agent", 'is only for kind = "agent" routes')
         _require(self.timeout_s > 0, f"{key}.timeout_s", "must be > 0")
         _require(self.connect_timeout_s > 0, f"{key}.connect_timeout_s", "must be > 0")
         for index, scope in enumerate(self.scopes):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from gateway.agents import AgentTarget
     from gateway.config import RouteConfig
     from gateway.policy.engine import Decision
 
@@ -53,6 +54,8 @@ class RequestContext:
     #: Sequence number of this request's audit record, once durable.
     audit_seq: int | None = None
     upstream_status: int | None = None
+    #: On an agent route: the agent or capability the path names (set by intake).
+    agent_target: AgentTarget | None = None
     #: Header fields a stage wants on the response, whichever it is (proxied or
     #: problem); appended by the edge's ``on_response_prepare`` hook.
     response_headers: dict[str, str] = field(default_factory=dict)

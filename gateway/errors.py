@@ -14,6 +14,7 @@ turned into RFC 9457 problem+json only at the HTTP edge
      ├── MissingCredentials        401 missing-credentials  (carries reasons)
      ├── InvalidToken              401 invalid-token        (carries reasons)
      ├── NoRoute                   404 no-route
+     ├── AgentNotFound             404 agent-not-found
      ├── MethodNotAllowed          405 method-not-allowed
      ├── ReplayedNonce             409 replayed-nonce
      ├── PayloadTooLarge           413 payload-too-large
@@ -25,6 +26,7 @@ turned into RFC 9457 problem+json only at the HTTP edge
      ├── PolicyDenied              403 policy-denied        (carries reasons)
      ├── PolicyUnavailable         503 policy-unavailable
      ├── DependencyUnavailable     503 dependency-unavailable
+     ├── AgentUnavailable          503 agent-unavailable    (carries reasons)
      ├── AuditUnavailable          503 audit-unavailable    (no durable record: not forwarded)
      ├── UpstreamUnavailable       502 upstream-unavailable
      ├── UpstreamTimeout           504 upstream-timeout
@@ -42,6 +44,8 @@ from typing import Any, ClassVar
 __all__ = [
     "AdminForbidden",
     "AdminUnauthenticated",
+    "AgentNotFound",
+    "AgentUnavailable",
     "AuditUnavailable",
     "BadSignature",
     "DependencyUnavailable",
@@ -161,6 +165,14 @@ class NoRoute(GatewayError):
     title = "No route matches this request"
 
 
+class AgentNotFound(GatewayError):
+    """The tenant has no agent with the id in the path (per the registry)."""
+
+    code = "agent-not-found"
+    status = 404
+    title = "No such agent"
+
+
 class MethodNotAllowed(GatewayError):
     code = "method-not-allowed"
     status = 405
@@ -209,6 +221,14 @@ class DependencyUnavailable(GatewayError):
     code = "dependency-unavailable"
     status = 503
     title = "A dependency is unavailable"
+
+
+class AgentUnavailable(GatewayError):
+    """No agent can take the request: stale or zombie, none healthy, or circuits open."""
+
+    code = "agent-unavailable"
+    status = 503
+    title = "No agent available"
 
 
 class AuditUnavailable(GatewayError):

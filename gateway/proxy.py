@@ -141,6 +141,38 @@ class ReverseProxy:
         finally:
             upstream.release()
 
+    async def send(
+        self,
+        ctx: RequestContext,
+        url: yarl.URL,
+        *,
+        body: bytes | None,
+        limits: aiohttp.ClientTimeout,
+    ) -> aiohttp.ClientResponse:
+        """Send ``ctx.request`` with its already-read ``body`` to ``url`` within ``limits``.
+
+        The upstream gets the same headers as through :meth:`forward`. For callers
+        that choose the target themselves and may retry (:mod:`gateway.agents`);
+        they :meth:`relay` the answer and release it.
+        """
+        return await self._session.request(
+            ctx.request.method,
+            url,
+            headers=_upstream_headers(ctx, url, self._trusted),
+            data=body,
+            timeout=limits,
+            allow_redirects=False,
+            auto_decompress=False,
+        )
+
+    async def relay(
+        self, ctx: RequestContext, upstream: aiohttp.ClientResponse, route: RouteConfig
+    ) -> web.StreamResponse:
+        """Stream ``upstream``'s answer to the client. Until the first body bytes
+        arrive nothing is sent, and a failure raises 502/504; after that a
+        failure can only cut the body short."""
+        return await self._relay(ctx, upstream, route)
+
     async def _relay(
         self, ctx: RequestContext, upstream: aiohttp.ClientResponse, route: RouteConfig
     ) -> web.StreamResponse:

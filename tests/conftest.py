@@ -24,6 +24,7 @@ from gateway.config import Config, parse_config
 from gateway.echo import create_echo_app
 from gateway.server import GatewayRunner
 from tests.jwtissuer import FakeIssuer
+from tests.registrykit import T0, RegistryFactory, fresh_database, start_registry
 from tests.services import PostgresService, RedisService
 
 # The bus's fixtures (tenant, bus, bus_http, make_bus, raw_redis, ...).
@@ -346,3 +347,34 @@ async def make_gateway(
 async def gateway(make_gateway: GatewayFactory) -> TestClient[Any, Any]:
     """A gateway with the default test config."""
     return await make_gateway()
+
+
+# -- registry (issue #6) -----------------------------------------------------------------
+
+
+@pytest.fixture
+async def registry_dsn(postgres_server: PostgresService) -> AsyncIterator[str]:
+    """A fresh, empty database on the session PostgreSQL, dropped after the test."""
+    async with fresh_database(postgres_server.dsn) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def clock() -> PinnedClock:
+    """A pinned wall clock the test moves by hand, from 2026-11-23T00:00:00Z."""
+    return PinnedClock(T0)
+
+
+@pytest.fixture
+async def make_registry(registry_dsn: str, clock: PinnedClock) -> AsyncIterator[RegistryFactory]:
+    """Start registry services on the test database and the pinned clock."""
+    clients: list[TestClient[Any, Any]] = []
+
+    async def factory(**kwargs: Any) -> TestClient[Any, Any]:
+        client = await start_registry(registry_dsn, clock, **kwargs)
+        clients.append(client)
+        return client
+
+    yield factory
+    for client in reversed(clients):
+        await client.close()

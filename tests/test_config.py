@@ -23,7 +23,14 @@ class TestParse:
     def test_shipped_config_is_valid(self) -> None:
         """config/gateway.toml, used by the run command, parses."""
         config = load_config(ROOT / "config" / "gateway.toml", environ={})
-        assert [r.name for r in config.routes] == ["echo", "readonly", "locked", "bus"]
+        assert [r.name for r in config.routes] == [
+            "echo",
+            "readonly",
+            "locked",
+            "bus",
+            "registry",
+            "agents",
+        ]
 
     def test_objects_are_frozen(self) -> None:
         """Config cannot change after start-up."""

@@ -25,7 +25,16 @@ class TestArtefacts:
         assert "config/compose.toml" in compose
         config = load_config(ROOT / "config" / "compose.toml", environ={})
         assert config.policy.url == "http://opa:8181"
-        assert {r.upstream for r in config.routes} == {"http://echo:8081", "http://bus:8082"}
+        upstreams = {r.name: r.upstream for r in config.routes if r.kind == "upstream"}
+        assert set(upstreams.values()) == {
+            "http://echo:8081",
+            "http://bus:8082",
+            "http://registry:8083",
+        }
+        assert upstreams["bus"] == "http://bus:8082"
+        assert upstreams["registry"] == "http://registry:8083"
+        agents = [r.agent for r in config.routes if r.agent is not None]
+        assert [a.registry_url for a in agents] == ["http://registry:8083"]
 
     def test_image_copies_every_package(self) -> None:
         """Each top-level package named in pyproject is copied into the image."""

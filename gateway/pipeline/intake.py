@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Final
 
 from aiohttp import hdrs, web
 
+from gateway.agents import parse_agent_target
 from gateway.config import RouteConfig
 from gateway.context import RequestContext
 from gateway.errors import MalformedRequest, MethodNotAllowed, NoRoute, PayloadTooLarge
@@ -50,6 +51,8 @@ class Intake:
         self._check_body_size(request)
         path = self._checked_path(request)
         ctx.route = self._match(path)
+        if ctx.route.kind == "agent":
+            ctx.agent_target = parse_agent_target(ctx.route, request.raw_path)
         return None
 
     def _check_body_size(self, request: web.Request) -> None:

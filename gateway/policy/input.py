@@ -41,8 +41,15 @@ def build_input(ctx: RequestContext) -> dict[str, Any]:
             "created": ctx.signature.get("created"),
         },
         "target": {
-            "kind": "upstream",
-            "destination": route.name if route else None,
+            "kind": route.kind if route else "upstream",
+            # An agent route names the agent id, or "capability:<name>".
+            "destination": (
+                ctx.agent_target.destination
+                if ctx.agent_target is not None
+                else route.name
+                if route
+                else None
+            ),
             "classification": None,
         },
         "source": {"ip": ctx.client_ip},

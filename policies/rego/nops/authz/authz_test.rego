@@ -326,3 +326,35 @@ test_deny_malformed_destination_obligations if {
 	want := _denied(["malformed_obligations"])
 	authz.decision == want with input as _egress with data.nops.egress_destinations as destinations
 }
+
+# Agent routing (issue #6): the gateway sends target.kind "agent" and the agent
+# id, or "capability:<name>", as target.destination.
+_agent_call := _locked_with({
+	"request": {"method": "POST", "path": "/agents/a1/tasks", "route": "agents"},
+	"subject": {"scopes": []},
+	"target": {"kind": "agent", "destination": "a1"},
+})
+
+test_allow_agents_authenticated_any_method if {
+	every method in ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+		authz.decision == _allowed with input as object.union(_agent_call, {"request": {"method": method}})
+	}
+}
+
+test_deny_agents_anonymous if {
+	doc := object.union(_agent_call, {"subject": {"sub": null}})
+	authz.decision == _denied(["authentication_required"]) with input as doc
+}
+
+test_allow_registry_authenticated if {
+	doc := object.union(_agent_call, {
+		"request": {"method": "PATCH", "path": "/registry/agents/a1", "route": "registry"},
+		"target": {"kind": "upstream", "destination": "registry"},
+	})
+	authz.decision == _allowed with input as doc
+}
+
+test_deny_registry_put if {
+	doc := object.union(_agent_call, {"request": {"method": "PUT", "route": "registry"}})
+	authz.decision == _denied(["method_not_allowed"]) with input as doc
+}
