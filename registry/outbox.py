@@ -44,6 +44,7 @@ __all__ = [
     "OutboxRelay",
     "PublishError",
     "agent_event",
+    "bus_draft",
     "enqueue",
 ]
 
@@ -111,7 +112,7 @@ class HttpBusPublisher:
         }
         try:
             async with self._session.post(
-                url, data=orjson.dumps(event), headers=headers, timeout=self._timeout
+                url, data=orjson.dumps(bus_draft(event)), headers=headers, timeout=self._timeout
             ) as response:
                 if 200 <= response.status < 300 or response.status == 409:
                     return
@@ -120,6 +121,24 @@ class HttpBusPublisher:
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise PublishError(f"bus unreachable: {type(exc).__name__}") from None
+
+
+#: Event fields that map onto the bus envelope itself; the rest is its payload.
+_ENVELOPE_FIELDS = ("id", "type", "time")
+
+
+def bus_draft(event: Mapping[str, Any]) -> dict[str, Any]:
+    """The bus envelope draft (``bus/schemas/envelope.v1.json``) carrying ``event``.
+
+    ``id``, ``type`` and ``time`` become the envelope's own; ``source``,
+    ``subject`` and ``data`` travel as its payload. The tenant is not sent in
+    the body: the bus takes it from the caller (``X-Nops-Tenant``).
+    """
+    draft: dict[str, Any] = {"version": 1, **{k: event[k] for k in _ENVELOPE_FIELDS if k in event}}
+    draft["payload"] = {
+        k: v for k, v in event.items() if k not in _ENVELOPE_FIELDS and k != "tenant"
+    }
+    return draft
 
 
 def agent_event(event_type: str, agent: Agent, now: float) -> dict[str, Any]:

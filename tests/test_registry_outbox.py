@@ -16,6 +16,7 @@ import pytest
 
 from registry.app import RELAY
 from registry.outbox import HttpBusPublisher, LogPublisher, OutboxRelay, PublishError
+from tests.busfixtures import BusFactory
 from tests.conftest import PinnedClock, free_port
 from tests.registrykit import (
     FakeBus,
@@ -142,7 +143,7 @@ class TestRelay:
         assert bus.received == []
         clock.advance(1.0)
         assert await relay.drain_once() == 3
-        assert [m["event"]["subject"] for m in bus.received] == ["a0", "a1", "a2"]
+        assert [m["event"]["payload"]["subject"] for m in bus.received] == ["a0", "a1", "a2"]
         assert await _outbox(registry_dsn) == []
 
     async def test_backoff_grows_and_is_capped(self, make_registry: RegistryFactory) -> None:
@@ -237,7 +238,9 @@ class TestRelay:
             assert ready["outbox_pending"] == 5
             await bus.start()
             await eventually(lambda: len(bus.received) >= 5)
-            assert [m["event"]["subject"] for m in bus.received] == [f"a{i}" for i in range(5)]
+            assert [m["event"]["payload"]["subject"] for m in bus.received] == [
+                f"a{i}" for i in range(5)
+            ]
 
             async def drained() -> bool:
                 ready = await (await registry.get("/_readyz")).json()
@@ -292,3 +295,26 @@ class TestPublishers:
         relay = OutboxRelay(None, LogPublisher(), rng=random.Random(7))  # type: ignore[arg-type]  # noqa: S311
         again = OutboxRelay(None, LogPublisher(), rng=random.Random(7))  # type: ignore[arg-type]  # noqa: S311
         assert [relay.backoff(3) for _ in range(3)] == [again.backoff(3) for _ in range(3)]
+
+
+class TestThroughTheRealBus:
+    async def test_registry_events_arrive_as_bus_envelopes(
+        self, make_registry: RegistryFactory, make_bus: BusFactory
+    ) -> None:
+        """The relay publishes valid v1 envelopes: a bus consumer gets agent.registered for a1."""
+        bus_service = await make_bus()
+        registry = await make_registry(bus_url=str(bus_service.make_url("")).rstrip("/"))
+        await registry.post("/agents", json=agent_body("a1"), headers=ACME)
+        await registry.post("/agents/a1/heartbeat", headers=ACME)
+        assert await registry.app[RELAY].drain_once() == 2
+        response = await bus_service.get(
+            "/topics/agents/subscriptions/watchers/messages?consumer=c1&max=10",
+            headers={"X-Nops-Tenant": "acme"},
+        )
+        assert response.status == 200
+        envelopes = [m["envelope"] for m in (await response.json())["messages"]]
+        assert [e["type"] for e in envelopes] == ["agent.registered", "agent.heartbeat"]
+        assert {e["tenant"] for e in envelopes} == {"acme"}
+        assert envelopes[0]["payload"]["subject"] == "a1"
+        assert envelopes[0]["payload"]["data"]["id"] == "a1"
+        assert envelopes[0]["idempotency_key"] == envelopes[0]["id"]
