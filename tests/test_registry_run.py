@@ -143,6 +143,19 @@ class TestRunCommand:
                     assert (await r.json())["agent"] == "demo-agent"
                 async with session.get(f"{base}/echo/x") as r:
                     assert r.status == 200
+            # The registry's events flow through the bus that scripts/run started
+            # (read directly from the bus, as the gateway would forward for acme).
+            watch = "http://127.0.0.1:8082/topics/agents/subscriptions/run-test/messages"
+            async with aiohttp.ClientSession() as plain:
+                types: list[str] = []
+                deadline = time.monotonic() + 20
+                while "agent.heartbeat" not in types and time.monotonic() < deadline:
+                    async with plain.get(
+                        f"{watch}?consumer=c&max=10&wait=1", headers={"X-Nops-Tenant": "acme"}
+                    ) as r:
+                        assert r.status == 200
+                        types += [m["envelope"]["type"] for m in (await r.json())["messages"]]
+                assert types[:2] == ["agent.registered", "agent.heartbeat"]
         finally:
             await agent.close()
         run_script.stop()
