@@ -804,8 +804,20 @@ class AdminConfig:
 
     enabled: bool = True
     keys: tuple[AdminKeyConfig, ...] = ()
+    #: The agent registry's admin API (``GET /_admin/registry/agents``, role
+    #: OPERATOR): its base URL and the environment variable holding its admin
+    #: key (``X-Nops-Admin-Key``). Empty: registry admin is not offered.
+    registry_url: str = ""
+    registry_key_env: str = ""
 
     def validate(self, key: str) -> None:
+        if self.registry_url:
+            _require_http_url(self.registry_url, f"{key}.registry_url")
+            _require(
+                bool(self.registry_key_env),
+                f"{key}.registry_key_env",
+                "is required with registry_url (the variable holding the registry's admin key)",
+            )
         ids: set[str] = set()
         for index, admin_key in enumerate(self.keys):
             admin_key.validate(f"{key}.keys[{index}]")

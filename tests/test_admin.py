@@ -182,7 +182,13 @@ class TestAdminApi:
         assert body == {
             "key_id": "operator",
             "role": "OPERATOR",
-            "permissions": ["cache:flush", "policy:read", "self:read", "tenants:read"],
+            "permissions": [
+                "cache:flush",
+                "policy:read",
+                "registry:read",
+                "self:read",
+                "tenants:read",
+            ],
         }
 
     async def test_keys_never_show_secrets_or_hashes(self, make_gateway: GatewayFactory) -> None:
@@ -327,3 +333,71 @@ class TestAdminWithoutOpa:
         response = await client.get("/_admin/whoami", headers=bearer("SUPER_ADMIN"))
         assert response.status == 200
         assert (await response.json())["role"] == "SUPER_ADMIN"
+
+
+REGISTRY_ADMIN_KEY = "registry-admin-key-0123456789-abcdefghij"
+REGISTRY_KEY_ENV = "NOPS_TEST_REGISTRY_ADMIN_KEY"
+
+
+class TestRegistryAdmin:
+    """Registry admin goes through the gateway's casbin-guarded admin plane."""
+
+    async def _gateway(self, make_gateway: GatewayFactory, registry_url: str) -> Client:
+        return await make_gateway(
+            admin={
+                "keys": ADMIN_KEYS,
+                "registry_url": registry_url,
+                "registry_key_env": REGISTRY_KEY_ENV,
+            }
+        )
+
+    async def test_operator_lists_every_tenants_agents(
+        self,
+        make_gateway: GatewayFactory,
+        make_registry: Any,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """OPERATOR sees all tenants' agents, filtered by tenant on request; VIEWER may not."""
+        from registry.settings import admin_key_digest
+        from tests.registrykit import agent_body, tenant
+
+        monkeypatch.setenv(REGISTRY_KEY_ENV, REGISTRY_ADMIN_KEY)
+        registry = await make_registry(admin_key_sha256=admin_key_digest(REGISTRY_ADMIN_KEY))
+        for owner, agent in (("acme", "a1"), ("globex", "g1")):
+            created = await registry.post("/agents", json=agent_body(agent), headers=tenant(owner))
+            assert created.status == 201
+        client = await self._gateway(make_gateway, str(registry.make_url("")).rstrip("/"))
+
+        everyone = await client.get("/_admin/registry/agents", headers=bearer("OPERATOR"))
+        assert everyone.status == 200
+        assert {(a["tenant"], a["id"]) for a in (await everyone.json())["agents"]} >= {
+            ("acme", "a1"),
+            ("globex", "g1"),
+        }
+        acme = await client.get("/_admin/registry/agents?tenant=acme", headers=bearer("OPERATOR"))
+        assert {a["tenant"] for a in (await acme.json())["agents"]} == {"acme"}
+        viewer = await client.get("/_admin/registry/agents", headers=bearer("VIEWER"))
+        await assert_problem(viewer, 403, "admin-forbidden")
+        text = await everyone.text()
+        assert REGISTRY_ADMIN_KEY not in text
+
+    async def test_registry_down_is_503(
+        self, make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An unreachable registry is a 503 naming it, not a 500."""
+        monkeypatch.setenv(REGISTRY_KEY_ENV, REGISTRY_ADMIN_KEY)
+        client = await self._gateway(make_gateway, f"http://127.0.0.1:{free_port()}")
+        response = await client.get("/_admin/registry/agents", headers=bearer("ADMIN"))
+        await assert_problem(response, 503, "dependency-unavailable", ["registry_unavailable"])
+
+    async def test_not_configured_is_404(self, make_gateway: GatewayFactory) -> None:
+        """Without admin.registry_url the endpoint does not exist for anyone."""
+        client = await admin_gateway(make_gateway)
+        response = await client.get("/_admin/registry/agents", headers=bearer("SUPER_ADMIN"))
+        await assert_problem(response, 404, "no-route")
+
+    def test_registry_url_needs_the_key_variable(self) -> None:
+        """registry_url without registry_key_env names the missing key."""
+        with pytest.raises(ConfigError) as caught:
+            parse_config({"admin": {"registry_url": "http://127.0.0.1:8083"}})
+        assert caught.value.key == "admin.registry_key_env"

@@ -6,6 +6,7 @@
 | ``GET  /_admin/policy`` | policy read | VIEWER |
 | ``GET  /_admin/tenants`` | tenants read | VIEWER |
 | ``POST /_admin/policy/cache/flush`` | cache flush | OPERATOR |
+| ``GET  /_admin/registry/agents`` | registry read | OPERATOR |
 | ``GET  /_admin/keys`` | keys read | ADMIN |
 | ``GET  /_admin/rbac`` | rbac read | SUPER_ADMIN |
 
@@ -17,9 +18,11 @@ what OPA would have said is reported as unavailable when it is down.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+import aiohttp
 import orjson
 from aiohttp import hdrs, web
 
@@ -27,7 +30,7 @@ from gateway.admin.auth import AdminAuthenticator, AdminPrincipal
 from gateway.admin.rbac import ROLES, Rbac
 from gateway.config import Config
 from gateway.context import REQUEST_CONTEXT
-from gateway.errors import AdminForbidden, NoRoute
+from gateway.errors import AdminForbidden, DependencyUnavailable, NoRoute
 from gateway.metrics import Metrics
 from gateway.policy.engine import PolicyEngineError
 from gateway.policy.stack import POLICY_STACK, PolicyStack
@@ -37,6 +40,8 @@ __all__ = ["ADMIN_PREFIX", "register_admin_routes"]
 _log = logging.getLogger("gateway.admin")
 
 ADMIN_PREFIX: Final = "/_admin"
+#: Query parameters passed through to the registry's admin listing.
+_REGISTRY_QUERY: Final = frozenset({"tenant", "status", "capability", "limit", "cursor"})
 
 Handler = Callable[[web.Request, AdminPrincipal], Awaitable[Any]]
 
@@ -66,6 +71,7 @@ def _add_routes(app: web.Application, config: Config, metrics: Metrics) -> None:
         ("GET", "/policy", "policy", "read", admin.policy),
         ("GET", "/tenants", "tenants", "read", admin.tenants),
         ("POST", "/policy/cache/flush", "cache", "flush", admin.flush_cache),
+        ("GET", "/registry/agents", "registry", "read", admin.registry_agents),
         ("GET", "/keys", "keys", "read", admin.keys),
         ("GET", "/rbac", "rbac", "read", admin.rbac_table),
     ]
@@ -106,6 +112,41 @@ class _Admin:
             return web.Response(body=orjson.dumps(body), content_type="application/json")
 
         return guarded
+
+    async def registry_agents(self, request: web.Request, principal: AdminPrincipal) -> Any:
+        """Every tenant's agents from the registry's admin API (``tenant`` and paging pass)."""
+        settings = self._config.admin
+        if not settings.registry_url:
+            raise NoRoute("registry admin is not configured (admin.registry_url)")
+        secret = os.environ.get(settings.registry_key_env, "")
+        if not secret:
+            raise DependencyUnavailable(
+                "the registry admin key is not set", reasons=("registry_admin_key_missing",)
+            )
+        query = {k: v for k, v in request.query.items() if k in _REGISTRY_QUERY}
+        url = settings.registry_url.rstrip("/") + "/admin/agents"
+        try:
+            async with (
+                aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session,
+                session.get(
+                    url,
+                    params=query,
+                    # SECURITY: the registry's admin key, never logged or echoed.
+                    headers={"X-Nops-Admin-Key": secret},
+                    timeout=aiohttp.ClientTimeout(total=5),
+                    allow_redirects=False,
+                ) as response,
+            ):
+                if response.status != 200:
+                    raise DependencyUnavailable(
+                        f"the registry answered {response.status}",
+                        reasons=("registry_refused",),
+                    )
+                return await response.json()
+        except (aiohttp.ClientError, TimeoutError):
+            raise DependencyUnavailable(
+                "the registry is unreachable", reasons=("registry_unavailable",)
+            ) from None
 
     async def whoami(self, request: web.Request, principal: AdminPrincipal) -> Any:
         return {
