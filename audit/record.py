@@ -71,8 +71,8 @@ class RecordFormatError(ValueError):
 _INT_LIMIT: Final = 2**53 - 1
 
 
-def canonical(document: Mapping[str, Any]) -> bytes:
-    """RFC 8785 canonical JSON bytes of ``document``.
+def canonical(document: Any) -> bytes:
+    """RFC 8785 canonical JSON bytes of ``document`` (any JSON value).
 
     Fast path: for documents without floats, with integers inside the I-JSON
     range and with no key outside the Basic Multilingual Plane, orjson with
@@ -82,8 +82,11 @@ def canonical(document: Mapping[str, Any]) -> bytes:
     through ``rfc8785`` itself. ``tests/test_audit_record.py`` checks both agree.
     """
     if _orjson_is_canonical(document):
-        return orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
-    return rfc8785.dumps(dict(document))
+        try:
+            return orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:
+            pass  # lone surrogates and the like: the reference decides
+    return rfc8785.dumps(dict(document) if isinstance(document, Mapping) else document)
 
 
 def _orjson_is_canonical(value: Any) -> bool:

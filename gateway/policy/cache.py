@@ -36,9 +36,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-import orjson
-import rfc8785
-
+from audit.record import canonical as canonical_json
 from gateway.config import PolicyCacheConfig
 from gateway.metrics import Metrics
 from gateway.policy.engine import Decision, PolicyEngine, PolicyEngineError
@@ -53,50 +51,6 @@ _log = logging.getLogger("gateway.policy.cache")
 _UNCACHEABLE_REASONS: Final = frozenset({REASON_UNDEFINED, REASON_ILL_TYPED})
 
 RevisionProbe = Callable[[], Awaitable[str]]
-
-
-def canonical_json(value: Any) -> bytes:
-    """RFC 8785 (JCS) canonical JSON of ``value``.
-
-    The policy input is made of strings, integers, booleans, nulls, lists and
-    objects with short keys. For such values orjson with sorted keys writes
-    exactly the RFC 8785 bytes (same escapes, raw UTF-8, code-point order
-    equals UTF-16 order below U+E000) at ~2 µs instead of ~100 µs for the pure
-    Python ``rfc8785``; anything else (floats, huge integers, exotic keys)
-    takes ``rfc8785``. A test holds the two to the same bytes.
-    """
-    if _plain(value):
-        try:
-            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-        except orjson.JSONEncodeError:
-            pass  # lone surrogates and the like: let rfc8785 decide
-    return rfc8785.dumps(value)
-
-
-_MAX_SAFE_INT: Final = 2**53 - 1
-
-
-def _plain(value: Any) -> bool:
-    """True when ``value`` holds only JSON types orjson writes the RFC 8785 way."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        kind = type(item)
-        if kind is str or kind is bool or item is None:
-            continue
-        if kind is int:
-            if not -_MAX_SAFE_INT <= item <= _MAX_SAFE_INT:
-                return False
-        elif kind is dict:
-            for key in item:
-                if type(key) is not str or (key and max(key) >= "\ue000"):
-                    return False
-            stack.extend(item.values())
-        elif kind is list or kind is tuple:
-            stack.extend(item)
-        else:
-            return False  # floats, mapping proxies, anything else: the reference path
-    return True
 
 
 def cache_key(
