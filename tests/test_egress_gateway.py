@@ -13,14 +13,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
 from gateway.apikeys import hash_secret
 from gateway.app import METRICS, PIPELINE
-from gateway.config import ConfigError
+from gateway.config import ConfigError, EgressConfig, RouteConfig
+from gateway.context import RequestContext, Tenant
+from gateway.egress_route import EgressSettings, parse_egress_target
 from gateway.pipeline.route import Route
+from gateway.policy.input import build_input
+from gateway.policy.result import load_schema
 from tests.audit_support import read_records
 from tests.conftest import GatewayFactory, free_port
 from tests.problems import assert_problem
@@ -433,3 +438,31 @@ class TestConnect:
             await assert_problem(response, 502, "upstream-unavailable")
         response = await client.get("/egress/partner-wiki/", headers=headers)
         await assert_problem(response, 502, "upstream-unavailable", reasons=["circuit_open"])
+
+
+class TestPolicyInput:
+    @pytest.mark.parametrize(
+        ("declared", "tenant", "expected"),
+        [("D3", "acme", "D3"), (None, "acme", "D2"), (None, "globex", "D1"), (None, None, "D1")],
+        ids=["declared", "tenant-default", "global-default", "no-tenant"],
+    )
+    def test_egress_input_matches_the_schema(
+        self, declared: str | None, tenant: str | None, expected: str
+    ) -> None:
+        """The egress input names the destination and the class, and validates as v1."""
+        headers = {"X-Data-Class": declared} if declared else {}
+        request = make_mocked_request("GET", "/egress/payments-api/v1/x", headers=headers)
+        route = RouteConfig(name="egress", prefix="/egress/", kind="egress")
+        settings = EgressSettings(EgressConfig(tenant_default_class={"acme": "D2"}), {})
+        ctx = RequestContext(request=request, request_id="r", client_ip="203.0.113.7")
+        ctx.route = route
+        ctx.tenant = Tenant(tenant) if tenant else None
+        ctx.egress_target = parse_egress_target(route, request, settings)
+        document = build_input(ctx)
+        jsonschema.validate(document, load_schema("policy-input.v1.json"))
+        assert document["target"] == {
+            "kind": "egress",
+            "destination": "payments-api",
+            "classification": expected,
+        }
+        assert ctx.egress_target.path == "/v1/x"
