@@ -51,7 +51,9 @@ class AuditRecorder:
 
     async def record_allow(self, ctx: RequestContext) -> None:
         """Append the allow decision; raise AuditUnavailable if it is not durable."""
-        await self._append(ctx, _entry(ctx, "allow", status=None, code=None, reasons=None))
+        # Report mode: allowed, but the record says what enforce mode would have done.
+        code = "enforce_would_deny" if ctx.egress_would_deny else None
+        await self._append(ctx, _entry(ctx, "allow", status=None, code=code, reasons=None))
 
     async def record_outcome(self, ctx: RequestContext, error: GatewayError) -> None:
         """Record a request the pipeline ended with ``error`` (the edge's hook)."""

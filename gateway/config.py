@@ -38,6 +38,9 @@ from typing import Any, Final, Literal
 import limits
 import yarl
 
+from egress.addresses import parse_address
+from egress.destinations import DestinationError, load_destinations
+
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
     "CONFIG_VERSION",
@@ -53,6 +56,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DependenciesConfig",
+    "EgressConfig",
     "FreshnessConfig",
     "IdentityConfig",
     "IssuerConfig",
@@ -421,6 +425,57 @@ class RateLimitConfig:
         _require(self.fallback_retry_s > 0, f"{key}.fallback_retry_s", "must be > 0")
 
 
+_DATA_CLASSES: Final = ("D0", "D1", "D2", "D3", "D4")
+
+
+@dataclass(frozen=True, slots=True)
+class EgressConfig:
+    """Egress routes (``kind = "egress"``): destinations, classes, modes, caps (docs/egress.md)."""
+
+    #: The versioned destinations file (egress/destinations.py); "" = none.
+    destinations_file: str = ""
+    #: "enforce", or "report" (a class-gate denial is logged and audited as
+    #: enforce_would_deny, and the request goes on). A destination's own mode wins.
+    mode: Literal["enforce", "report"] = "enforce"
+    #: The class of a request without ``X-Data-Class``, unless its tenant has one below.
+    default_class: Literal["D0", "D1", "D2", "D3", "D4"] = "D1"
+    #: Per tenant id: the class of its requests without ``X-Data-Class``.
+    tenant_default_class: dict[str, str] = field(default_factory=dict)
+    #: The gateway's own addresses (besides loopback): never dialled, even internal.
+    self_addresses: tuple[str, ...] = ()
+    #: Largest response body relayed, in bytes; larger is 502 (response_too_large).
+    max_response_bytes: int = 10_485_760
+    #: Attempts after the first, with the agent routes' rules (gateway/agents.py).
+    retries: int = 1
+    backoff_s: float = 0.05
+    circuit_failures: int = 5
+    circuit_open_s: float = 5.0
+    circuit_half_open_max: int = 1
+
+    def validate(self, key: str) -> None:
+        for tenant, label in self.tenant_default_class.items():
+            _require(
+                label in _DATA_CLASSES,
+                f"{key}.tenant_default_class.{tenant}",
+                "must be one of D0..D4",
+            )
+        for index, text in enumerate(self.self_addresses):
+            _require(
+                parse_address(text) is not None, f"{key}.self_addresses[{index}]", "not an address"
+            )
+        _require(self.max_response_bytes > 0, f"{key}.max_response_bytes", "must be > 0")
+        _require(self.retries >= 0, f"{key}.retries", "must be >= 0")
+        _require(self.backoff_s >= 0, f"{key}.backoff_s", "must be >= 0")
+        _require(self.circuit_failures >= 1, f"{key}.circuit_failures", "must be >= 1")
+        _require(self.circuit_open_s > 0, f"{key}.circuit_open_s", "must be > 0")
+        _require(self.circuit_half_open_max >= 1, f"{key}.circuit_half_open_max", "must be >= 1")
+        if self.destinations_file:
+            try:
+                load_destinations(self.destinations_file)
+            except DestinationError as exc:
+                raise ConfigError(f"{key}.{exc.key}", exc.message) from None
+
+
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
     """A path prefix proxied, after the whole pipeline, to one upstream or to agents."""
@@ -431,7 +486,9 @@ class RouteConfig:
     upstream: str = ""
     #: "upstream" (one fixed upstream) or "agent" (``/prefix/{agent_id}/...`` and
     #: ``/prefix/by-capability/{capability}/...``, looked up in the registry).
-    kind: Literal["upstream", "agent"] = "upstream"
+    #: "egress" (``/prefix/{destination}/...`` to a named destination of
+    #: ``[egress]``, through the classification gate and the SSRF guard).
+    kind: Literal["upstream", "agent", "egress"] = "upstream"
     #: kind = "agent": the registry and the retry and circuit-breaker settings.
     agent: AgentRouteConfig | None = None
     #: Remove ``prefix`` from the path sent upstream.
@@ -473,6 +530,17 @@ class RouteConfig:
                 not self.strip_prefix,
                 f"{key}.strip_prefix",
                 "agent routes always send the path after the agent id",
+            )
+        elif self.kind == "egress":
+            # SECURITY: the destination's URL comes from [egress], never from here or the caller.
+            _require(not self.upstream, f"{key}.upstream", "an egress route has no fixed upstream")
+            _require(self.agent is None, f"{key}.agent", 'is only for kind = "agent" routes')
+            _require(self.auth != "none", f"{key}.auth", 'an egress route cannot be auth = "none"')
+            _require(not self.strip_prefix, f"{key}.strip_prefix", "egress routes always strip")
+            _require(
+                not self.forward_authorization,
+                f"{key}.forward_authorization",
+                "the caller's credential never leaves through egress",
             )
         else:
             _require_http_url(self.upstream, f"{key}.upstream")
@@ -841,6 +909,7 @@ class Config:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     api_keys: tuple[ApiKeyConfig, ...] = ()
     admin: AdminConfig = field(default_factory=AdminConfig)
+    egress: EgressConfig = field(default_factory=EgressConfig)
 
     def validate(self) -> None:
         _require(
@@ -869,6 +938,7 @@ class Config:
             names.add(route.name)
             prefixes.add(route.prefix)
         self.identity.validate("identity")
+        self.egress.validate("egress")
         key_ids: set[str] = set()
         for index, api_key in enumerate(self.api_keys):
             api_key.validate(f"api_keys[{index}]")

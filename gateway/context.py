@@ -11,6 +11,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from gateway.agents import AgentTarget
     from gateway.config import RouteConfig
+    from gateway.egress_route import EgressTarget
     from gateway.policy.engine import Decision
 
 __all__ = ["REQUEST_CONTEXT", "RequestContext", "Subject", "Tenant"]
@@ -56,6 +57,10 @@ class RequestContext:
     upstream_status: int | None = None
     #: On an agent route: the agent or capability the path names (set by intake).
     agent_target: AgentTarget | None = None
+    #: On an egress route: the destination, path and class (set by intake).
+    egress_target: EgressTarget | None = None
+    #: Report mode: the class-gate reasons that enforce mode would have denied.
+    egress_would_deny: tuple[str, ...] = ()
     #: Header fields a stage wants on the response, whichever it is (proxied or
     #: problem); appended by the edge's ``on_response_prepare`` hook.
     response_headers: dict[str, str] = field(default_factory=dict)

@@ -24,6 +24,7 @@ turned into RFC 9457 problem+json only at the HTTP edge
      ├── InsufficientScope         403 insufficient-scope   (carries reasons)
      ├── TenantMismatch            403 tenant-mismatch
      ├── PolicyDenied              403 policy-denied        (carries reasons)
+     ├── EgressDenied              403 egress-denied        (class gate or SSRF guard reasons)
      ├── PolicyUnavailable         503 policy-unavailable
      ├── DependencyUnavailable     503 dependency-unavailable
      ├── AgentUnavailable          503 agent-unavailable    (carries reasons)
@@ -49,6 +50,7 @@ __all__ = [
     "AuditUnavailable",
     "BadSignature",
     "DependencyUnavailable",
+    "EgressDenied",
     "GatewayError",
     "InsufficientScope",
     "InternalError",
@@ -209,6 +211,15 @@ class PolicyDenied(GatewayError):
     code = "policy-denied"
     status = 403
     title = "Denied by policy"
+
+
+class EgressDenied(GatewayError):
+    """Data may not leave for this destination: a policy reason (which ceiling was
+    hit) or an SSRF-guard reason (``loopback``, ``private_address``, ``dns_failure`` ...)."""
+
+    code = "egress-denied"
+    status = 403
+    title = "Egress denied"
 
 
 class PolicyUnavailable(GatewayError):

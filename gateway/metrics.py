@@ -33,6 +33,8 @@ class Metrics:
     shadow_evaluations: Counter[str] = field(default_factory=Counter)
     #: Shadow disagreements by (enforced allow, shadow allow, reason).
     shadow_disagreements: Counter[tuple[bool, bool, str]] = field(default_factory=Counter)
+    #: Egress requests report mode let through, by the reason enforce would have denied.
+    egress_would_deny: Counter[str] = field(default_factory=Counter)
     #: True while rate limits run on per-node memory because their Redis failed.
     ratelimit_degraded: bool = False
     #: Rate-limit storage failures, each one answered from the memory fallback.

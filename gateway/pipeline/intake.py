@@ -15,6 +15,7 @@ from aiohttp import hdrs, web
 from gateway.agents import parse_agent_target
 from gateway.config import RouteConfig
 from gateway.context import RequestContext
+from gateway.egress_route import EgressSettings, egress_settings, parse_egress_target
 from gateway.errors import MalformedRequest, MethodNotAllowed, NoRoute, PayloadTooLarge
 
 if TYPE_CHECKING:
@@ -33,11 +34,19 @@ _DOT_SEGMENT: Final = re.compile(r"(?:^|/)\.{1,2}(?:/|$)")
 class Intake:
     name = "intake"
 
-    def __init__(self, routes: tuple[RouteConfig, ...], *, max_body: int, max_headers: int):
+    def __init__(
+        self,
+        routes: tuple[RouteConfig, ...],
+        *,
+        max_body: int,
+        max_headers: int,
+        egress: EgressSettings | None = None,
+    ):
         # Longest prefix first, so /api/v2/ wins over /api/.
         self._routes = tuple(sorted(routes, key=lambda r: len(r.prefix), reverse=True))
         self._max_body = max_body
         self._max_headers = max_headers
+        self._egress = egress
 
     async def run(self, ctx: RequestContext) -> web.StreamResponse | None:
         request = ctx.request
@@ -53,6 +62,8 @@ class Intake:
         ctx.route = self._match(path)
         if ctx.route.kind == "agent":
             ctx.agent_target = parse_agent_target(ctx.route, request.raw_path)
+        elif ctx.route.kind == "egress" and self._egress is not None:
+            ctx.egress_target = parse_egress_target(ctx.route, request, self._egress)
         return None
 
     def _check_body_size(self, request: web.Request) -> None:
@@ -83,6 +94,12 @@ class Intake:
 
 def build(deps: PipelineDeps) -> Intake:
     server = deps.config.server
+    egress = None
+    if any(route.kind == "egress" for route in deps.config.routes):
+        egress = egress_settings(deps.config)
     return Intake(
-        deps.config.routes, max_body=server.max_body_bytes, max_headers=server.max_header_count
+        deps.config.routes,
+        max_body=server.max_body_bytes,
+        max_headers=server.max_header_count,
+        egress=egress,
     )

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from gateway.agents import AgentRouter, build_agent_routers
 from gateway.context import RequestContext
+from gateway.egress_route import EgressRouter, build_egress_routers
 from gateway.errors import NoRoute
 from gateway.proxy import ReverseProxy
 
@@ -20,16 +21,25 @@ __all__ = ["Route", "build"]
 class Route:
     name = "route"
 
-    def __init__(self, proxy: ReverseProxy, agents: dict[str, AgentRouter] | None = None) -> None:
+    def __init__(
+        self,
+        proxy: ReverseProxy,
+        agents: dict[str, AgentRouter] | None = None,
+        egress: dict[str, EgressRouter] | None = None,
+    ) -> None:
         self._proxy = proxy
         #: Agent routers by route name (routes of kind = "agent").
         self.agents = agents or {}
+        #: Egress routers by route name (routes of kind = "egress").
+        self.egress = egress or {}
 
     async def run(self, ctx: RequestContext) -> web.StreamResponse | None:
         if ctx.route is None:
             raise NoRoute()
         if ctx.route.kind == "agent":
             return await self.agents[ctx.route.name].forward(ctx)
+        if ctx.route.kind == "egress":
+            return await self.egress[ctx.route.name].forward(ctx)
         return await self._proxy.forward(ctx, ctx.route)
 
     async def close(self) -> None:
@@ -38,4 +48,8 @@ class Route:
 
 
 def build(deps: PipelineDeps) -> Route:
-    return Route(deps.proxy, build_agent_routers(deps.config.routes, deps.proxy, deps.http))
+    return Route(
+        deps.proxy,
+        build_agent_routers(deps.config.routes, deps.proxy, deps.http),
+        build_egress_routers(deps.config),
+    )

@@ -17,6 +17,7 @@ def build_input(ctx: RequestContext) -> dict[str, Any]:
     route = ctx.route
     tenant = ctx.tenant
     subject = ctx.subject
+    egress = ctx.egress_target
     query: dict[str, list[str]] = {}
     for key, value in request.rel_url.query.items():
         query.setdefault(key, []).append(value)
@@ -43,14 +44,19 @@ def build_input(ctx: RequestContext) -> dict[str, Any]:
         "target": {
             "kind": route.kind if route else "upstream",
             # An agent route names the agent id, or "capability:<name>".
+            # An egress route names the destination; the classification is its class.
             "destination": (
-                ctx.agent_target.destination
+                egress.destination
+                if egress is not None
+                else ctx.agent_target.destination
                 if ctx.agent_target is not None
                 else route.name
                 if route
                 else None
             ),
-            "classification": None,
+            "classification": (
+                egress.classification(tenant.id if tenant else None) if egress else None
+            ),
         },
         "source": {"ip": ctx.client_ip},
     }
