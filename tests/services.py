@@ -15,45 +15,25 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import importlib.util
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import IO, Final
+from typing import IO
 
-from registry.devdb import PostgresService
+# The loopback helpers live with the PostgreSQL service in registry.devdb.
+from registry.devdb import (
+    _START_TIMEOUT,
+    _STOP_TIMEOUT,
+    HOST,
+    PostgresService,
+    _free_port,
+    _package_dir,
+    _tail,
+)
 
 __all__ = ["PostgresService", "RedisService"]
-
-HOST: Final = "127.0.0.1"
-_START_TIMEOUT: Final = 10.0
-_STOP_TIMEOUT: Final = 10.0
-
-
-def _free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _package_dir(name: str) -> Path:
-    """Directory of an installed package, without importing it."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.origin is None:
-        raise RuntimeError(f"the {name!r} package is not installed (pip install -e '.[dev]')")
-    return Path(spec.origin).parent
-
-
-def _tail(path: Path, limit: int = 4000) -> str:
-    try:
-        return path.read_text(errors="replace")[-limit:]
-    except OSError:
-        return "<no log>"
-
 
 # Services that may still be running or own private dirs: closed at exit.
 _live: set[RedisService] = set()
