@@ -10,6 +10,7 @@
     POST /topics/{topic}/dlq/redrive                           {"ids": [...]} or {"max": n}
     GET  /health                                               liveness
     GET  /_readyz                                              Redis reachable
+    GET  /openapi.json                                         this API's OpenAPI 3.1 document
 
 Every topic request acts for the tenant in ``X-Nops-Tenant``, which the
 gateway sets from the verified credential after dropping any the caller
@@ -25,6 +26,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import resources
 from typing import Any, Final
 
 import orjson
@@ -64,6 +66,8 @@ MAX_IDS: Final = 1000
 _DEFAULT_MAX: Final = 10
 _MIN_BODY_CAP: Final = 64 * 1024
 _JSON: Final = "application/json"
+#: The API contract, served at ``/openapi.json`` (and by the gateway at ``/_openapi/bus.json``).
+OPENAPI_DOCUMENT: Final = resources.files("bus").joinpath("openapi/bus.json").read_bytes()
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -79,6 +83,7 @@ def create_app(config: BusConfig, *, client: BusClient | None = None) -> web.App
     app.cleanup_ctx.append(_bus_client(client))
     app.router.add_get("/health", _health)
     app.router.add_get("/_readyz", _readyz)
+    app.router.add_get("/openapi.json", _openapi, allow_head=False)
     app.router.add_post("/topics/{topic}/messages", _publish)
     app.router.add_get("/topics/{topic}/subscriptions/{group}/messages", _consume)
     app.router.add_post("/topics/{topic}/subscriptions/{group}/ack", _ack)
@@ -170,6 +175,11 @@ def _tenant(request: web.Request) -> str:
 
 async def _health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"}, dumps=_dumps)
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    """This service's OpenAPI document (``bus/openapi/bus.json``)."""
+    return web.Response(body=OPENAPI_DOCUMENT, content_type=_JSON)
 
 
 async def _readyz(request: web.Request) -> web.Response:

@@ -21,6 +21,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from gateway.admin import register_admin_routes
+from gateway.apidocs import OPENAPI_PREFIX, openapi_document
 from gateway.auditing import AuditRecorder, audit_recorder
 from gateway.config import Config, PolicyConfig
 from gateway.context import REQUEST_CONTEXT
@@ -80,6 +81,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
     app.cleanup_ctx.append(_pipeline)
     app.router.add_get("/health", health)
     app.router.add_get("/_readyz", _readyz)
+    app.router.add_get(OPENAPI_PREFIX + "/{document}", openapi_document, allow_head=False)
     # The admin plane: explicit routes, before the catch-all, outside the pipeline.
     register_admin_routes(app, config, metrics)
     app.router.add_route("*", "/{tail:.*}", _proxy)

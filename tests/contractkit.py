@@ -1,0 +1,77 @@
+"""Shared parts of the contract tests (schemathesis against the live services).
+
+The documents are the files the services serve (``*/openapi/*.json``).
+Every case is checked for: no 5xx, a documented status code, a documented
+content type and a body that matches the documented schema; cases made
+from invalid data must also be refused with a 4xx. Example counts are
+small and generation is derandomized, so a run is reproducible and takes
+seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Final
+
+import hypothesis
+import schemathesis
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from schemathesis.specs.openapi.schemas import OpenApiSchema
+
+ROOT: Final = Path(__file__).resolve().parents[1]
+GATEWAY_DOC: Final = ROOT / "gateway" / "openapi" / "gateway.json"
+REGISTRY_DOC: Final = ROOT / "registry" / "openapi" / "registry.json"
+BUS_DOC: Final = ROOT / "bus" / "openapi" / "bus.json"
+
+CHECKS: Final = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    negative_data_rejection,
+]
+
+#: Per API operation and generation mode; keeps each service's run to seconds.
+SETTINGS: Final = hypothesis.settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(hypothesis.HealthCheck),
+    phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+)
+#: For the state machines built from the documents' links.
+STATEFUL_SETTINGS: Final = hypothesis.settings(
+    max_examples=15,
+    stateful_step_count=8,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(hypothesis.HealthCheck),
+    phases=[hypothesis.Phase.generate],
+)
+
+
+def load(path: Path, *modes: GenerationMode) -> OpenApiSchema:
+    """The document at ``path``, generating cases in ``modes`` only."""
+    schema = schemathesis.openapi.from_path(path)
+    schema.config.generation.update(modes=list(modes))
+    return schema
+
+
+def doc_operations(document: dict[str, Any]) -> set[tuple[str, str]]:
+    """Every (METHOD, path template) the document describes."""
+    methods = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+    return {
+        (method.upper(), path)
+        for path, item in document["paths"].items()
+        for method in item
+        if method in methods
+    }
