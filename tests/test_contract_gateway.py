@@ -32,7 +32,10 @@ from tests.livethread import LiveServer
 
 ADMIN_SECRET = "contract-admin-secret-0123456789"
 API_KEY_SECRET = "contract-agent-secret-0123456789"
-ROUTES = ["echo", "signed"]
+#: ``echo`` is anonymous; ``bus`` (a route the policy data knows: GET and POST for
+#: any credentialed caller) needs a signature and an API key, and leads to the echo
+#: upstream here.
+ROUTES = ["echo", "bus"]
 
 
 def _schema(mode: GenerationMode) -> Any:
@@ -108,7 +111,7 @@ def live_gateway(opa: OpaProcess, tmp_path_factory: pytest.TempPathFactory) -> I
                     "require_signature": False,
                     "auth": "none",
                 },
-                {"name": "signed", "prefix": "/signed/", "upstream": upstream, "auth": "api_key"},
+                {"name": "bus", "prefix": "/bus/", "upstream": upstream, "auth": "api_key"},
             ],
             audit={"path": str(audit / "audit.jsonl"), "spool_path": str(audit / "spool.jsonl")},
         )
@@ -140,3 +143,32 @@ def test_invalid_requests(case: schemathesis.Case, live_gateway: LiveServer) -> 
     """
     auth = SignAndAuthenticate(credential=False)
     case.call_and_validate(base_url=live_gateway.url, checks=CHECKS, auth=auth)
+
+
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [pytest.param("GET", None, id="get"), pytest.param("POST", {"x": [1, 2]}, id="post-body")],
+)
+def test_signed_cases_reach_the_upstream(live_gateway: LiveServer, method: str, body: Any) -> None:
+    """The signing hook signs what schemathesis sends: a case passes the whole pipeline."""
+    operation = positive["/{route}/{path}"][method]
+    kwargs: dict[str, Any] = {"path_parameters": {"route": "bus", "path": "contract"}}
+    if body is not None:
+        kwargs.update(body=body, media_type="application/json")
+    case = operation.Case(**kwargs)
+    response = case.call(base_url=live_gateway.url, auth=SignAndAuthenticate(credential=True))
+    assert response.status_code == 200, response.text
+    echoed = response.json()
+    assert echoed["method"] == method
+    assert echoed["path"] == "/bus/contract"
+    assert echoed["headers"]["x-nops-tenant"] == "acme"  # the API key's verified tenant
+
+
+def test_unsigned_case_is_refused(live_gateway: LiveServer) -> None:
+    """Without the hook the same case is a 401 problem: the signature is what let it through."""
+    case = positive["/{route}/{path}"]["GET"].Case(
+        path_parameters={"route": "bus", "path": "contract"}
+    )
+    response = case.call(base_url=live_gateway.url)
+    assert response.status_code == 401
+    assert response.json()["type"] == "urn:nops:gateway:problem:missing-signature"
