@@ -10,6 +10,7 @@ seconds.
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +41,11 @@ CHECKS: Final = [
     negative_data_rejection,
 ]
 
-#: Per API operation and generation mode; keeps each service's run to seconds.
+#: Cases per API operation and generation mode: 25 keeps each service's run to
+#: seconds; CONTRACT_EXAMPLES=500 (say) searches deeper by hand.
+EXAMPLES: Final = int(os.environ.get("CONTRACT_EXAMPLES", "25"))
 SETTINGS: Final = hypothesis.settings(
-    max_examples=25,
+    max_examples=EXAMPLES,
     deadline=None,
     derandomize=True,
     database=None,
@@ -51,7 +54,7 @@ SETTINGS: Final = hypothesis.settings(
 )
 #: For the state machines built from the documents' links.
 STATEFUL_SETTINGS: Final = hypothesis.settings(
-    max_examples=15,
+    max_examples=max(15, EXAMPLES // 2),
     stateful_step_count=8,
     deadline=None,
     derandomize=True,
