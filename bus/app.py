@@ -289,7 +289,14 @@ async def _redrive(request: web.Request) -> web.Response:
     body = await _json_body(request, empty_ok=True)
     ids = _ids(body, required=False)
     max_entries = body.get("max", 100)
-    if not isinstance(max_entries, int) or not 1 <= max_entries <= MAX_IDS:
+    # JSON has one number type: 5.0 is the integer 5; true is not a number.
+    if isinstance(max_entries, float) and max_entries.is_integer():
+        max_entries = int(max_entries)
+    if (
+        isinstance(max_entries, bool)
+        or not isinstance(max_entries, int)
+        or not 1 <= max_entries <= MAX_IDS
+    ):
         raise MalformedRequest(f"max must be between 1 and {MAX_IDS}", reasons=("invalid_max",))
     moved = await request.app[CLIENT].redrive(
         request[_TENANT], request.match_info["topic"], ids, max_entries=max_entries

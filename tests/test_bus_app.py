@@ -432,6 +432,29 @@ class TestProblems:
         response = await bus_http.request(method, path, json=body, headers=as_tenant(tenant))
         await assert_bus_problem(response, 400, "malformed-request", [reason])
 
+    @pytest.mark.parametrize(
+        ("max_value", "status"),
+        [
+            pytest.param(True, 400, id="true-is-not-a-number"),
+            pytest.param(0, 400, id="zero"),
+            pytest.param(1001, 400, id="too-many"),
+            pytest.param(2.5, 400, id="fraction"),
+            pytest.param(2.0, 200, id="whole-float-is-an-integer"),
+        ],
+    )
+    async def test_redrive_max(
+        self, bus_http: Client, tenant: str, max_value: Any, status: int
+    ) -> None:
+        """Redrive's max is an integer from 1 to 1000 as JSON Schema reads one (contract)."""
+        response = await bus_http.post(
+            "/topics/t/dlq/redrive", json={"max": max_value}, headers=as_tenant(tenant)
+        )
+        if status == 400:
+            await assert_bus_problem(response, 400, "malformed-request", ["invalid_max"])
+        else:
+            assert response.status == 200
+            assert await response.json() == {"redriven": [], "missing": []}
+
     async def test_nothing_after_the_largest_id(self, bus_http: Client, tenant: str) -> None:
         """Dead letters after the largest possible id: none (Redis refuses that interval)."""
         largest = f"{2**64 - 1}-{2**64 - 1}"
