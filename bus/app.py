@@ -345,9 +345,9 @@ async def _json_body(request: web.Request, *, empty_ok: bool = False) -> dict[st
 
 
 def _ids(body: dict[str, Any], *, required: bool) -> list[str] | None:
-    ids = body.get("ids")
-    if ids is None and not required:
+    if "ids" not in body and not required:
         return None
+    ids = body.get("ids")
     if (
         not isinstance(ids, list)
         or not 1 <= len(ids) <= MAX_IDS

@@ -455,6 +455,13 @@ class TestProblems:
             assert response.status == 200
             assert await response.json() == {"redriven": [], "missing": []}
 
+    async def test_redrive_ids_null_is_not_absent(self, bus_http: Client, tenant: str) -> None:
+        """ "ids": null is a bad list of ids, not "the oldest ones" (contract)."""
+        response = await bus_http.post(
+            "/topics/t/dlq/redrive", json={"ids": None}, headers=as_tenant(tenant)
+        )
+        await assert_bus_problem(response, 400, "malformed-request", ["invalid_ids"])
+
     async def test_nothing_after_the_largest_id(self, bus_http: Client, tenant: str) -> None:
         """Dead letters after the largest possible id: none (Redis refuses that interval)."""
         largest = f"{2**64 - 1}-{2**64 - 1}"
