@@ -8,7 +8,9 @@ is set) and its (tenant, route) quota, with the limits of the tenant's tier
 is anonymous and takes from the per-IP ``anonymous`` quota. The first quota
 with nothing left refuses the request with 429 ``rate-limited``, a reason
 naming it and ``Retry-After``; a refused request consumes no quota (see
-:mod:`gateway.ratelimits`).
+:mod:`gateway.ratelimits`). When the freshness stage already took the
+quotas in its one Redis call with the nonce claim (``ctx.quotas_taken``),
+this stage only applies that result.
 
 Every response to a request that got this far carries the IETF RateLimit
 header fields (draft-ietf-httpapi-ratelimit-headers-11 syntax, Structured
@@ -93,7 +95,11 @@ class Ratelimit:
     async def run(self, ctx: RequestContext) -> web.StreamResponse | None:
         if not self.enabled:
             return None
-        result = await self.limiter.take(self._quotas(ctx))
+        result = ctx.quotas_taken
+        if result is None:
+            result = await self.limiter.take(self.quotas(ctx))
+        else:
+            self.limiter.shared_answered()
         if result.states:
             ctx.response_headers.update(_header_fields(result.states))
         if result.refused is not None:
@@ -106,7 +112,8 @@ class Ratelimit:
             )
         return None
 
-    def _quotas(self, ctx: RequestContext) -> Sequence[Quota]:
+    def quotas(self, ctx: RequestContext) -> Sequence[Quota]:
+        """The quotas ``ctx`` takes from, in order."""
         if ctx.tenant is None:
             if self._anonymous is None:
                 return ()
