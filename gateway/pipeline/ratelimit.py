@@ -25,6 +25,7 @@ that it not be earlier than the end of that window).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -145,12 +146,14 @@ def _item(policy: str, limit: str) -> limits.RateLimitItem | None:
     return type(parsed)(parsed.amount, parsed.multiples, namespace=policy)
 
 
+@functools.lru_cache(maxsize=4096)
 def _key(value: str) -> str:
     # Storage keys join identifiers with "/": escape so that no two
     # (tenant, agent) pairs can spell the same key.
     return urllib.parse.quote(value, safe="")
 
 
+@functools.lru_cache(maxsize=4096)
 def _address_key(client_ip: str) -> str:
     try:
         address = ipaddress.ip_address(client_ip)
