@@ -174,12 +174,13 @@ class RedisAdmission:
         ]
         sliding = self.strategy == "sliding-window-counter"
         for item, identifiers in quotas:
-            key = self._prefix + item.key_for(*identifiers)
+            key = item.key_for(*identifiers)
             if sliding:
-                current = f"{self._prefix}{{{item.key_for(*identifiers)}}}"
+                # limits' RedisStorage: "{key}" now, "{key}/-1" the previous window.
+                current = f"{self._prefix}{{{key}}}"
                 keys += (current + "/-1", current)
             else:
-                keys.append(key)
+                keys.append(self._prefix + key)
             args += (item.amount, item.get_expiry())
         status, refused, raw = await self._script(keys=keys, args=args)
         if status == 0:
