@@ -14,7 +14,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import aiohttp
 from aiohttp import web
@@ -32,8 +32,24 @@ from gateway.policy.engine import PolicyEngine
 from gateway.policy.stack import POLICY_STACK, open_policy_stack
 from gateway.policy.supervisor import LocalBundle, LocalOpa
 from gateway.proxy import ReverseProxy
+from gateway.telemetry import Telemetry
 
-__all__ = ["AUDIT", "CONFIG", "ENGINE", "METRICS", "PIPELINE", "REDIS", "create_app"]
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+    from gateway.telemetry.listener import MetricsListener
+
+__all__ = [
+    "AUDIT",
+    "CONFIG",
+    "ENGINE",
+    "METRICS",
+    "METRICS_LISTENER",
+    "PIPELINE",
+    "REDIS",
+    "TELEMETRY",
+    "create_app",
+]
 
 _log = logging.getLogger("gateway.app")
 
@@ -50,26 +66,40 @@ _HTTP: Final = web.AppKey("http_session", aiohttp.ClientSession)
 _OUTBOUND: Final = web.AppKey("outbound_session", aiohttp.ClientSession)
 _READINESS: Final = web.AppKey("readiness", ReadinessChecker)
 _CLOCK: Final[web.AppKey[Callable[[], float]]] = web.AppKey("clock")
+#: Metrics and tracing, or None when both are off.
+TELEMETRY: Final[web.AppKey[Telemetry | None]] = web.AppKey("telemetry")
+#: The /metrics listener while it runs (its ``port`` is the bound one).
+METRICS_LISTENER: Final[web.AppKey[MetricsListener]] = web.AppKey("metrics_listener")
 
 
-def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
+def create_app(
+    config: Config,
+    *,
+    clock: Callable[[], float] = time.time,
+    span_exporter: SpanExporter | None = None,
+) -> web.Application:
     """Build the gateway application for ``config``; nothing starts until it runs.
 
     ``clock`` (wall-clock seconds) is what the pipeline judges time by; tests pin it.
+    ``span_exporter`` turns tracing on with that exporter, whatever ``[tracing]``
+    says (tests pass an in-memory one).
     """
     metrics = Metrics()
+    telemetry = Telemetry.for_config(config, metrics, span_exporter=span_exporter)
     app = web.Application(
         middlewares=[
             edge_middleware(
                 metrics=metrics,
                 trusted_proxies=config.server.trusted_proxies,
                 access_log=config.logging.access_log,
+                telemetry=telemetry,
             )
         ],
         client_max_size=config.server.max_body_bytes,
     )
     app[CONFIG] = config
     app[METRICS] = metrics
+    app[TELEMETRY] = telemetry
     app[_CLOCK] = clock
     app.on_response_prepare.append(set_security_headers)
     app.cleanup_ctx.append(_redis)
@@ -78,6 +108,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
     app.cleanup_ctx.append(_outbound_session)
     app.cleanup_ctx.append(_audit)
     app.cleanup_ctx.append(_pipeline)
+    app.cleanup_ctx.append(_telemetry)
     app.router.add_get("/health", health)
     app.router.add_get("/_readyz", _readyz)
     # The admin plane: explicit routes, before the catch-all, outside the pipeline.
@@ -176,15 +207,19 @@ async def _audit(app: web.Application) -> AsyncIterator[None]:
 
 async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
+    telemetry = app[TELEMETRY]
+    engine = app[ENGINE]
+    if telemetry is not None:
+        engine = telemetry.observe_engine(engine)
     proxy = ReverseProxy(
         app[_HTTP],
         max_body_bytes=config.server.max_body_bytes,
         trusted_proxies=frozenset(config.server.trusted_proxies),
     )
-    app[PIPELINE] = build_pipeline(
+    pipeline = build_pipeline(
         PipelineDeps(
             config=config,
-            engine=app[ENGINE],
+            engine=engine,
             proxy=proxy,
             redis=app[REDIS],
             metrics=app[METRICS],
@@ -193,10 +228,43 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
             audit=app[AUDIT],
         )
     )
+    app[PIPELINE] = telemetry.instrument(pipeline) if telemetry is not None else pipeline
     try:
         yield
     finally:
         await app[PIPELINE].close()
+
+
+async def _telemetry(app: web.Application) -> AsyncIterator[None]:
+    """The /metrics listener and scrape-time probes; flushes traces at shutdown."""
+    telemetry = app[TELEMETRY]
+    if telemetry is None:
+        yield
+        return
+    engine = app[ENGINE]
+    telemetry.probes["policy"] = engine.healthy
+    recorder = app[AUDIT]
+    if recorder is not None:
+        log = recorder.log
+
+        async def audit_ok() -> bool:
+            return log.healthy and not log.spooling
+
+        telemetry.probes["audit"] = audit_ok
+        telemetry.watch_audit_queue(lambda: log.queue_depth)
+    listener: MetricsListener | None = None
+    try:
+        if telemetry.instruments is not None:
+            from gateway.telemetry.listener import MetricsListener
+
+            listener = MetricsListener(app[CONFIG].metrics, telemetry)
+            await listener.start()
+            app[METRICS_LISTENER] = listener
+        yield
+    finally:
+        if listener is not None:
+            await listener.stop()
+        await telemetry.close()
 
 
 def _bundle(policy: PolicyConfig) -> LocalBundle | None:

@@ -65,6 +65,7 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.proxy import HOP_BY_HOP
+from gateway.telemetry import inject_trace, operation
 
 __all__ = [
     "DATA_CLASS_HEADER",
@@ -292,18 +293,21 @@ class EgressRouter:
         slow = f"{destination.name} did not answer within {destination.timeout_s:g} s"
         async with pinned_session(checked, ssl_context=self._ssl(destination)) as session:
             try:
-                async with session.request(
-                    ctx.request.method,
-                    url,
-                    headers=_outbound_headers(ctx.request.headers),
-                    data=body,
-                    timeout=limits,
-                    allow_redirects=False,  # SECURITY: a redirect is relayed, never followed
-                ) as upstream:
-                    content = await _read_response(upstream, self._settings.config)
-                    status = upstream.status
-                    reason = upstream.reason
-                    headers = _response_headers(upstream.headers)
+                with operation("upstream", self._route.name):
+                    outbound = _outbound_headers(ctx.request.headers)
+                    inject_trace(outbound)
+                    async with session.request(
+                        ctx.request.method,
+                        url,
+                        headers=outbound,
+                        data=body,
+                        timeout=limits,
+                        allow_redirects=False,  # SECURITY: a redirect is relayed, never followed
+                    ) as upstream:
+                        content = await _read_response(upstream, self._settings.config)
+                        status = upstream.status
+                        reason = upstream.reason
+                        headers = _response_headers(upstream.headers)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
                 breaker.failure(ticket)
                 return UpstreamUnavailable(f"{destination.name} is unreachable"), True

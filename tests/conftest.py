@@ -316,9 +316,17 @@ async def make_gateway(
     upstream_url = str(upstream.make_url("")).rstrip("/")
 
     async def factory(
-        *, clock: Callable[[], float] = time.time, sign_as: str | None = None, **sections: Any
+        *,
+        clock: Callable[[], float] = time.time,
+        sign_as: str | None = None,
+        span_exporter: Any = None,
+        **sections: Any,
     ) -> TestClient[Any, Any]:
-        """``sign_as`` (a keyid of TEST_SECRETS): the client signs every request with it."""
+        """``sign_as`` (a keyid of TEST_SECRETS): the client signs every request with it.
+
+        ``span_exporter`` turns tracing on into it. Metrics stay off unless
+        ``metrics`` says otherwise (then use port 0: gateways run side by side).
+        """
         audit = dict(sections.get("audit", {}))
         if "path" not in audit:
             audit_dir = tmp_path_factory.mktemp("audit")
@@ -331,7 +339,9 @@ async def make_gateway(
             signer = signing_middleware(keyid=sign_as, secret=TEST_SECRETS[sign_as], clock=clock)
             middlewares = (signer,)
         client: TestClient[Any, Any] = TestClient(
-            GatewayTestServer(create_app(config, clock=clock), host="127.0.0.1"),
+            GatewayTestServer(
+                create_app(config, clock=clock, span_exporter=span_exporter), host="127.0.0.1"
+            ),
             middlewares=middlewares,
         )
         await client.start_server()
