@@ -25,10 +25,12 @@ from gateway.echo import create_echo_app
 from gateway.server import GatewayRunner
 from tests.jwtissuer import FakeIssuer
 from tests.registrykit import T0, RegistryFactory, fresh_database, start_registry
+from tests.secretscan import register_secret
 from tests.services import PostgresService, RedisService
 
 # The bus's fixtures (tenant, bus, bus_http, make_bus, raw_redis, ...).
-pytest_plugins = ("tests.busfixtures",)
+# The run-wide secrets check over every log line (tests/secretscan.py).
+pytest_plugins = ("tests.busfixtures", "tests.secretscan")
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS_BIN = Path(os.environ.get("TOOLS_BIN", ROOT / ".tools" / "bin"))
@@ -194,6 +196,8 @@ TEST_SECRETS: dict[str, bytes] = {
     "globex-k1": GLOBEX_SECRET,
     "acme-agent-a1": AGENT_A1_SECRET,
 }
+for _keyid, _secret in TEST_SECRETS.items():
+    register_secret(_secret, f"HMAC key {_keyid}")
 
 
 class PinnedClock:

@@ -22,8 +22,10 @@ from tests.agentkit import AgentProcess, create_agent_app
 from tests.conftest import GatewayFactory, PinnedClock, free_port
 from tests.problems import assert_problem
 from tests.registrykit import Client, RegistryFactory, tenant
+from tests.secretscan import register_secret
 
 SECRET = "s3cret-" + "x" * 40
+register_secret(SECRET, "API key secret (agent routing)")
 ACME_KEY = {"Authorization": f"ApiKey acme-key.{SECRET}"}
 GLOBEX_KEY = {"Authorization": f"ApiKey globex-key.{SECRET}"}
 API_KEYS = [

@@ -22,9 +22,12 @@ from gateway.client import signing_middleware
 from registry.devdb import main as devdb
 from tests.agentkit import create_agent_app
 from tests.conftest import ROOT, free_port
+from tests.secretscan import register_secret
 
 SECRET = "run-" + "s" * 40
 SIGNING_KEY = b"k" * 32
+register_secret(SECRET, "API key secret (scripts/run)")
+register_secret(SIGNING_KEY, "HMAC key acme-run")
 KEY = {"Authorization": f"ApiKey demo.{SECRET}"}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +14,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.apikeys import hash_secret
 from gateway.app import METRICS, METRICS_LISTENER, TELEMETRY
 from gateway.logs import JsonFormatter
 from gateway.metrics import MAX_DENIAL_REASONS, Metrics
@@ -268,3 +270,45 @@ class TestTracingOff:
         response = await gateway.get("/echo/x", headers={"traceparent": CLIENT_TRACEPARENT})
         echoed = await response.json()
         assert echoed["headers"]["traceparent"] == CLIENT_TRACEPARENT
+
+
+class TestBusTraceContext:
+    async def test_published_message_carries_the_trace(
+        self, make_gateway: GatewayFactory, bus_http: Client, spans: InMemorySpanExporter
+    ) -> None:
+        """A message published through the gateway keeps the gateway's trace context."""
+        secret = "s3cret-bus-trace-0123456789abcdef"
+        gateway = await make_gateway(
+            span_exporter=spans,
+            routes=[
+                {
+                    "name": "bus",
+                    "prefix": "/bus/",
+                    "upstream": str(bus_http.make_url("")).rstrip("/"),
+                    "strip_prefix": True,
+                    "auth": "api_key",
+                    "require_signature": False,
+                }
+            ],
+            api_keys=[{"id": "acme-agent", "tenant": "acme", "hash": hash_secret(secret)}],
+        )
+        credential = {"Authorization": f"ApiKey acme-agent.{secret}"}
+        published = await gateway.post(
+            "/bus/topics/traced/messages",
+            json={"type": "trace.test", "payload": {}},
+            headers={**credential, "traceparent": CLIENT_TRACEPARENT},
+        )
+        assert published.status == 201
+        message_id = (await published.json())["id"]
+        group = f"g{time.monotonic_ns()}"
+        consumed = await gateway.get(
+            f"/bus/topics/traced/subscriptions/{group}/messages?consumer=c&max=50",
+            headers=credential,
+        )
+        body = await consumed.json()
+        assert consumed.status == 200, body
+        [mine] = [m for m in body["messages"] if m["id"] == message_id]
+        upstream = next(s for s in spans.get_finished_spans() if s.name == "upstream bus")
+        assert mine["envelope"]["traceparent"] == (
+            f"00-{CLIENT_TRACE}-{upstream.context.span_id:016x}-01"
+        )
