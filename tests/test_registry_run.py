@@ -44,6 +44,7 @@ def _config(path: Path, gateway: int, echo: int, registry: int) -> Path:
     shipped = (ROOT / "config" / "gateway.toml").read_text()
     text = (
         shipped.replace("port = 8080", f"port = {gateway}")
+        .replace("port = 9090", "port = 0")  # the metrics listener: never a fixed port in tests
         .replace("127.0.0.1:8081", f"127.0.0.1:{echo}")
         .replace("127.0.0.1:8083", f"127.0.0.1:{registry}")
         .replace('bundle_dir = "policies/rego"', f'bundle_dir = "{ROOT / "policies" / "rego"}"')

@@ -16,8 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.apikeys import hash_secret
 from gateway.app import METRICS, METRICS_LISTENER, TELEMETRY
+from gateway.config import ConfigError, parse_config
 from gateway.logs import JsonFormatter
 from gateway.metrics import MAX_DENIAL_REASONS, Metrics
+from gateway.telemetry import Telemetry
 from tests.conftest import TEST_SECRETS, GatewayFactory
 
 Client = TestClient[Any, Any]
@@ -312,3 +314,35 @@ class TestBusTraceContext:
         assert mine["envelope"]["traceparent"] == (
             f"00-{CLIENT_TRACE}-{upstream.context.span_id:016x}-01"
         )
+
+
+BAD_CONFIG = [
+    ("metrics-port", {"metrics": {"port": 70000}}, "metrics.port"),
+    ("metrics-host", {"metrics": {"host": ""}}, "metrics.host"),
+    ("ratio-above-one", {"tracing": {"sample_ratio": 1.5}}, "tracing.sample_ratio"),
+    ("unknown-exporter", {"tracing": {"exporter": "jaeger"}}, "tracing.exporter"),
+    (
+        "endpoint-credentials",
+        {"tracing": {"endpoint": "http://u:p@collector:4318/v1/traces"}},
+        "tracing.endpoint",
+    ),
+    ("no-service-name", {"tracing": {"service_name": ""}}, "tracing.service_name"),
+]
+
+
+class TestConfig:
+    @pytest.mark.parametrize(
+        ("table", "key"), [case[1:] for case in BAD_CONFIG], ids=[case[0] for case in BAD_CONFIG]
+    )
+    def test_bad_values_name_their_key(self, table: dict[str, Any], key: str) -> None:
+        """check-config names the [metrics]/[tracing] key at fault."""
+        with pytest.raises(ConfigError) as raised:
+            parse_config({"version": 1, **table})
+        assert raised.value.key == key
+
+    def test_defaults_are_off(self) -> None:
+        """No listener and no tracer unless configured."""
+        config = parse_config({"version": 1})
+        assert not config.metrics.enabled
+        assert config.tracing.exporter == "none"
+        assert Telemetry.for_config(config, Metrics()) is None

@@ -294,19 +294,21 @@ def _timed_operation(telemetry: Telemetry, kind: Operation, route: str) -> Itera
 class ObservedStage:
     """A pipeline stage with its span and its duration histogram."""
 
-    __slots__ = ("_stage", "_telemetry", "name")
+    __slots__ = ("_histogram", "_stage", "_telemetry", "name")
 
     def __init__(self, stage: Stage, telemetry: Telemetry) -> None:
         self.name = stage.name
         self._stage = stage
         self._telemetry = telemetry
+        instruments = telemetry.instruments
+        self._histogram = instruments.stage_histogram(stage.name) if instruments else None
 
     def __getattr__(self, name: str) -> Any:
         # The wrapped stage's own attributes (route.agents ...) stay reachable.
         return getattr(self._stage, name)
 
     async def run(self, ctx: RequestContext) -> web.StreamResponse | None:
-        instruments = self._telemetry.instruments
+        histogram = self._histogram
         tracing = self._telemetry.tracing
         start = time.perf_counter()
         try:
@@ -326,8 +328,8 @@ class ObservedStage:
                         span.set_attribute("nops.reason", exc.reasons[0])
                     raise
         finally:
-            if instruments is not None:
-                instruments.stage_histogram(self.name).observe(time.perf_counter() - start)
+            if histogram is not None:
+                histogram.observe(time.perf_counter() - start)
 
     async def close(self) -> None:
         close = getattr(self._stage, "close", None)
