@@ -81,6 +81,7 @@ async def make_egress(
         resolver: Any = None,
         destinations: dict[str, dict[str, Any]] | None = None,
         span_exporter: Any = None,
+        metrics: dict[str, Any] | None = None,
         **egress: Any,
     ) -> TestClient[Any, Any]:
         base = str(upstream.make_url("")).rstrip("/")
@@ -102,6 +103,7 @@ async def make_egress(
             egress={"destinations_file": str(path), "backoff_s": 0.0, **egress},
             audit={"path": str(tmp_path / "audit.jsonl"), "spool_path": str(tmp_path / "spool")},
             span_exporter=span_exporter,
+            metrics=metrics or {},
         )
         if resolver is not None:
             stage = client.server.app[PIPELINE].stages[-1]
@@ -494,3 +496,22 @@ class TestTraceContext:
         sent = (await response.json())["headers"]["traceparent"]
         [upstream] = [s for s in spans.get_finished_spans() if s.name == "upstream egress"]
         assert sent == f"00-{trace}-{upstream.context.span_id:016x}-01"
+
+
+class TestMetrics:
+    async def test_circuits_and_upstream_time_by_route(self, make_egress: EgressGateway) -> None:
+        """Egress circuits are counted by route and state; upstream time by route."""
+        from tests.test_telemetry import scrape, value
+
+        client = await make_egress(metrics={"enabled": True, "port": 0})
+        for destination in ("partner-wiki", "public-search"):
+            response = await client.get(
+                f"/egress/{destination}/", headers={**ACME, "X-Data-Class": "D0"}
+            )
+            assert response.status == 200
+        samples = await scrape(client)
+        circuits = "nops_gateway_circuit_state"
+        assert value(samples, circuits, route="egress", state="closed") == 2
+        assert value(samples, circuits, route="egress", state="open") == 0
+        upstream = "nops_gateway_upstream_duration_seconds_count"
+        assert value(samples, upstream, route="egress") == 2

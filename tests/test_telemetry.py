@@ -230,6 +230,17 @@ class TestTracing:
         server = by_name(spans.get_finished_spans())["GET echo"]
         assert format(server.context.trace_id, "032x") == CLIENT_TRACE
 
+    async def test_callers_sampled_flag_cannot_force_recording(
+        self, make_gateway: GatewayFactory, spans: InMemorySpanExporter
+    ) -> None:
+        """With sample_ratio 0 nothing is recorded, yet the trace id still flows upstream."""
+        gateway = await make_gateway(span_exporter=spans, tracing={"sample_ratio": 0.0})
+        response = await gateway.get("/echo/x", headers={"traceparent": CLIENT_TRACEPARENT})
+        sent = (await response.json())["headers"]["traceparent"]
+        assert spans.get_finished_spans() == ()
+        assert sent.startswith(f"00-{CLIENT_TRACE}-")
+        assert sent.endswith("-00")
+
     async def test_access_line_carries_trace_id(
         self, make_gateway: GatewayFactory, spans: InMemorySpanExporter
     ) -> None:
