@@ -1,11 +1,12 @@
-"""What metrics and tracing cost: the same gateway with telemetry off, metrics on, both on.
+"""What metrics and tracing cost: one gateway with telemetry off, metrics on, both on.
 
     python -m bench.telemetry [--duration 5] [--rounds 3] [--connections 32]
 
-Starts a real upstream (gateway.echo), a real OPA and three ``gateway serve``
-processes that differ only in ``[metrics]`` and ``[tracing]`` (the traced one
-exports every span to the console exporter, its stdout discarded: the
-exporter's work is counted). Drives them alternately with the same wrk
+Starts a real upstream (gateway.echo), a real OPA and four ``gateway serve``
+processes that differ only in ``[metrics]`` and ``[tracing]`` (the traced
+ones export over OTLP/HTTP to the echo upstream, which answers 200: the
+exporter's encoding and sending count in the gateway's CPU; one samples
+every trace, one 10 %). Drives them alternately with the same wrk
 settings and prints medians: start-up seconds, idle RSS, throughput, p99 and
 the gateway process's CPU µs per request, each also as a ratio to "off".
 Results also go to bench/results/telemetry.json.
@@ -23,10 +24,14 @@ from typing import Any
 from bench.harness import ROOT, LoadResult, free_port, median, rss_mb, run_wrk, stack, wait_http
 
 PATH = "/echo/bench/ping"
+_METRICS = "[metrics]\nenabled = true\nport = 0\n"
+_TRACING = '[tracing]\nexporter = "otlp"\nendpoint = "{sink}"\nsample_ratio = {ratio}\n'
+#: Extra config per variant; {sink} is an OTLP/HTTP endpoint (the echo upstream answers 200).
 VARIANTS: dict[str, str] = {
     "off": "",
-    "metrics": "[metrics]\nenabled = true\nport = 0\n",
-    "metrics_tracing": ('[metrics]\nenabled = true\nport = 0\n[tracing]\nexporter = "console"\n'),
+    "metrics": _METRICS,
+    "metrics_tracing": _METRICS + _TRACING.replace("{ratio}", "1.0"),
+    "metrics_tracing_10pct": _METRICS + _TRACING.replace("{ratio}", "0.1"),
 }
 
 
@@ -70,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         pids: dict[str, int] = {}
         for name, extra in VARIANTS.items():
             config = Path(tmp) / f"{name}.toml"
-            _config(config, opa_port, upstream_port, extra)
+            sink = f"http://127.0.0.1:{upstream_port}/v1/traces"
+            _config(config, opa_port, upstream_port, extra.replace("{sink}", sink))
             audit = Path(tmp) / name
             process = procs.spawn(
                 [

@@ -29,6 +29,7 @@ import contextvars
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from aiohttp import web
@@ -64,6 +65,9 @@ Operation = Literal["audit", "upstream"]
 _CURRENT: contextvars.ContextVar[Telemetry | None] = contextvars.ContextVar(
     "telemetry", default=None
 )
+#: True while the current request's server span is recorded (sampled): child
+#: spans are only made then; an unsampled request pays for no span but its own.
+_RECORDING: contextvars.ContextVar[bool] = contextvars.ContextVar("recording", default=False)
 _NOOP: Final = contextlib.nullcontext()
 _RATE_LIMITED: Final = "rate-limited"
 
@@ -138,7 +142,7 @@ class Telemetry:
         return RequestObservation(self, ctx)
 
     def operation(self, kind: Operation, route: str = "") -> AbstractContextManager[None]:
-        return _timed_operation(self, kind, route)
+        return _TimedOperation(self, kind, route)
 
     # -- wiring ----------------------------------------------------------------
 
@@ -179,7 +183,14 @@ class Telemetry:
 class RequestObservation:
     """One request's server span, trace id and request count."""
 
-    __slots__ = ("_ctx_token", "_otel_token", "_span", "_telemetry", "_trace_token")
+    __slots__ = (
+        "_ctx_token",
+        "_otel_token",
+        "_recording_token",
+        "_span",
+        "_telemetry",
+        "_trace_token",
+    )
 
     def __init__(self, telemetry: Telemetry, ctx: RequestContext) -> None:
         self._telemetry = telemetry
@@ -187,6 +198,7 @@ class RequestObservation:
         self._span: Span | None = None
         self._otel_token: object | None = None
         self._trace_token: contextvars.Token[str | None] | None = None
+        self._recording_token: contextvars.Token[bool] | None = None
         tracing = telemetry.tracing
         if tracing is not None:
             from opentelemetry import context as otel_context
@@ -206,6 +218,7 @@ class RequestObservation:
             self._span = span
             self._otel_token = otel_context.attach(trace.set_span_in_context(span, parent))
             self._trace_token = TRACE_ID.set(tracing.trace_id(span))
+            self._recording_token = _RECORDING.set(span.is_recording())
 
     def finish(self, ctx: RequestContext, status: int, error: GatewayError | None) -> None:
         """Count the request and end its span (before the access line is written)."""
@@ -253,42 +266,59 @@ class RequestObservation:
             otel_context.detach(self._otel_token)  # type: ignore[arg-type]
         if self._trace_token is not None:
             TRACE_ID.reset(self._trace_token)
+        if self._recording_token is not None:
+            _RECORDING.reset(self._recording_token)
         _CURRENT.reset(self._ctx_token)
 
 
-@contextlib.contextmanager
-def _timed_operation(telemetry: Telemetry, kind: Operation, route: str) -> Iterator[None]:
-    instruments = telemetry.instruments
-    tracing = telemetry.tracing
-    start = time.perf_counter()
-    try:
-        if tracing is None:
-            yield
-        else:
+class _TimedOperation:
+    """Times one outgoing call; while the request is sampled, also a span around it."""
+
+    __slots__ = ("_kind", "_route", "_span", "_span_scope", "_start", "_telemetry")
+
+    def __init__(self, telemetry: Telemetry, kind: Operation, route: str) -> None:
+        self._telemetry = telemetry
+        self._kind = kind
+        self._route = route
+        self._span: Span | None = None
+        self._span_scope: AbstractContextManager[Span] | None = None
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        tracing = self._telemetry.tracing
+        if tracing is not None and _RECORDING.get():
             from opentelemetry.trace import SpanKind
 
-            name = "audit.append" if kind == "audit" else f"upstream {route}"
-            attributes = {"nops.route": route} if route else {}
-            with tracing.tracer.start_as_current_span(
-                name,
-                kind=SpanKind.CLIENT if kind == "upstream" else SpanKind.INTERNAL,
-                attributes=attributes,
+            upstream = self._kind == "upstream"
+            scope = tracing.tracer.start_as_current_span(
+                f"upstream {self._route}" if upstream else "audit.append",
+                kind=SpanKind.CLIENT if upstream else SpanKind.INTERNAL,
+                attributes={"nops.route": self._route} if self._route else None,
                 # SECURITY: no exception message or stack trace in span events.
                 record_exception=False,
                 set_status_on_exception=False,
-            ) as span:
-                try:
-                    yield
-                except BaseException as exc:
-                    _failed(span, exc)
-                    raise
-    finally:
+            )
+            self._span = scope.__enter__()
+            self._span_scope = scope
+        self._start = time.perf_counter()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        elapsed = time.perf_counter() - self._start
+        instruments = self._telemetry.instruments
         if instruments is not None:
-            elapsed = time.perf_counter() - start
-            if kind == "audit":
+            if self._kind == "audit":
                 instruments.audit_durability.observe(elapsed)
             else:
-                instruments.upstream_histogram(route).observe(elapsed)
+                instruments.upstream_histogram(self._route).observe(elapsed)
+        if self._span_scope is not None and self._span is not None:
+            if exc is not None:
+                _failed(self._span, exc)
+            self._span_scope.__exit__(exc_type, exc, traceback)
 
 
 class ObservedStage:
@@ -312,7 +342,7 @@ class ObservedStage:
         tracing = self._telemetry.tracing
         start = time.perf_counter()
         try:
-            if tracing is None:
+            if tracing is None or not _RECORDING.get():
                 return await self._stage.run(ctx)
             with tracing.tracer.start_as_current_span(
                 f"stage {self.name}",
@@ -349,7 +379,7 @@ class ObservedEngine:
         tracing = self._telemetry.tracing
         start = time.perf_counter()
         try:
-            if tracing is None:
+            if tracing is None or not _RECORDING.get():
                 return await self._engine.decide(document, decision_id)
             with tracing.tracer.start_as_current_span(
                 "policy.decide",
