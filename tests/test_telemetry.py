@@ -20,6 +20,7 @@ from gateway.config import ConfigError, parse_config
 from gateway.logs import JsonFormatter
 from gateway.metrics import MAX_DENIAL_REASONS, Metrics
 from gateway.telemetry import Telemetry
+from gateway.telemetry.prom import _Histogram
 from tests.conftest import TEST_SECRETS, GatewayFactory
 
 Client = TestClient[Any, Any]
@@ -130,6 +131,27 @@ class TestMetricsEndpoint:
         gateway = await make_gateway()
         assert gateway.server.app[TELEMETRY] is None
         assert METRICS_LISTENER not in gateway.server.app
+
+
+class TestHistogram:
+    @pytest.mark.parametrize(
+        ("values", "cumulative"),
+        [
+            pytest.param([], [0, 0, 0], id="empty"),
+            pytest.param([0.1], [1, 1, 1], id="on-a-bound-counts-below-it"),
+            pytest.param([0.05, 0.5, 5.0], [1, 2, 3], id="one-each"),
+            pytest.param([2.0, 3.0], [0, 0, 2], id="all-above"),
+        ],
+    )
+    def test_buckets_are_cumulative_and_inclusive(
+        self, values: list[float], cumulative: list[int]
+    ) -> None:
+        """Bucket le=x counts observations <= x, as Prometheus defines it."""
+        histogram = _Histogram((0.1, 1.0))
+        for observed in values:
+            histogram.observe(observed)
+        assert histogram.buckets() == list(zip(("0.1", "1.0", "+Inf"), cumulative, strict=True))
+        assert histogram.sum == pytest.approx(sum(values))
 
 
 class TestDenialReasonCap:
