@@ -21,7 +21,8 @@ from gateway.logs import JsonFormatter
 from gateway.metrics import MAX_DENIAL_REASONS, Metrics
 from gateway.telemetry import Telemetry
 from gateway.telemetry.prom import _Histogram
-from tests.conftest import TEST_SECRETS, GatewayFactory
+from tests.conftest import TEST_SECRETS, GatewayFactory, free_port
+from tests.problems import assert_problem
 
 Client = TestClient[Any, Any]
 METRICS_ON = {"enabled": True, "port": 0}
@@ -98,6 +99,25 @@ class TestMetricsEndpoint:
         gateway.server.app[METRICS].ratelimit_degraded = True
         samples = await scrape(gateway)
         assert value(samples, "nops_gateway_degraded", dependency="ratelimit") == 1.0
+
+    async def test_unreachable_policy_engine_reads_degraded(
+        self, make_gateway: GatewayFactory
+    ) -> None:
+        """A scrape asks the engine first: OPA unreachable shows as degraded policy."""
+        gateway = await make_gateway(
+            metrics=METRICS_ON, policy={"url": f"http://127.0.0.1:{free_port()}"}
+        )
+        samples = await scrape(gateway)
+        assert value(samples, "nops_gateway_degraded", dependency="policy") == 1.0
+        assert value(samples, "nops_gateway_degraded", dependency="audit") == 0.0
+
+    async def test_metrics_never_served_on_the_proxied_port(
+        self, make_gateway: GatewayFactory
+    ) -> None:
+        """/metrics on the gateway's own port is just a path: it goes through the pipeline."""
+        gateway = await make_gateway(metrics=METRICS_ON)
+        response = await gateway.get("/metrics")
+        await assert_problem(response, 404, "no-route")
 
     async def test_rate_limit_hits_by_tenant(self, make_gateway: GatewayFactory) -> None:
         """A 429 counts under the signer's configured tenant."""
