@@ -57,6 +57,14 @@ class Metrics:
                         self._reason_labels.add(reason)
                 self.denial_reasons[(stage, reason)] += 1
 
+    def record_egress_would_deny(self, reason: str) -> None:
+        """Count one report-mode pass-through, keeping the reason labels bounded."""
+        if reason not in self.egress_would_deny and len(self.egress_would_deny) >= (
+            MAX_DENIAL_REASONS
+        ):
+            reason = "other"
+        self.egress_would_deny[reason] += 1
+
     def record_shadow_disagreement(self, enforced: bool, shadow: bool, reason: str) -> None:
         """Count one disagreement, keeping the set of reason labels bounded."""
         known = {label for _, _, label in self.shadow_disagreements}

@@ -184,6 +184,16 @@ class TestDenialReasonCap:
         assert len(labels) == MAX_DENIAL_REASONS + 1
         assert metrics.denial_reasons[("decision", "other")] == 5
 
+    def test_egress_report_reasons_are_capped_too(self) -> None:
+        """Report-mode reasons (from policy) stop at the same cap, then count as 'other'."""
+        metrics = Metrics()
+        for n in range(MAX_DENIAL_REASONS + 3):
+            metrics.record_egress_would_deny(f"reason_{n}")
+        metrics.record_egress_would_deny("reason_0")
+        assert len(metrics.egress_would_deny) == MAX_DENIAL_REASONS + 1
+        assert metrics.egress_would_deny["other"] == 3
+        assert metrics.egress_would_deny["reason_0"] == 2
+
 
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
