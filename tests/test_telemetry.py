@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import logging
+import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import pytest
@@ -409,3 +411,68 @@ class TestConfig:
         assert not config.metrics.enabled
         assert config.tracing.exporter == "none"
         assert Telemetry.for_config(config, Metrics()) is None
+
+
+class _Collector(http.server.BaseHTTPRequestHandler):
+    """A stand-in OTLP/HTTP collector: keeps each POSTed body."""
+
+    received: ClassVar[list[tuple[str, str, bytes]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.received.append((self.path, self.headers["Content-Type"], body))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def otlp_collector() -> Iterator[tuple[str, list[tuple[str, str, bytes]]]]:
+    """A real HTTP server in its own thread (the exporter's thread blocks on it)."""
+    _Collector.received = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1/traces", _Collector.received
+    server.shutdown()
+    server.server_close()
+
+
+class TestOtlpExport:
+    async def test_spans_reach_the_collector_by_shutdown(
+        self,
+        make_gateway: GatewayFactory,
+        otlp_collector: tuple[str, list[tuple[str, str, bytes]]],
+    ) -> None:
+        """exporter = "otlp" batches spans and flushes them when the gateway stops."""
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        endpoint, received = otlp_collector
+        gateway = await make_gateway(
+            tracing={"exporter": "otlp", "endpoint": endpoint, "service_name": "gw-under-test"}
+        )
+        response = await gateway.get("/echo/x", headers={"traceparent": CLIENT_TRACEPARENT})
+        assert response.status == 200
+        await gateway.close()  # the batch processor flushes at shutdown
+        names: set[str] = set()
+        services: set[str] = set()
+        for path, content_type, body in received:
+            assert path == "/v1/traces"
+            assert content_type == "application/x-protobuf"
+            export = ExportTraceServiceRequest.FromString(body)
+            for resource_spans in export.resource_spans:
+                for attribute in resource_spans.resource.attributes:
+                    if attribute.key == "service.name":
+                        services.add(attribute.value.string_value)
+                for scope in resource_spans.scope_spans:
+                    for span in scope.spans:
+                        names.add(span.name)
+                        assert span.trace_id.hex() == CLIENT_TRACE
+        assert services == {"gw-under-test"}
+        assert {"GET echo", "stage decision", "policy.decide", "upstream echo"} <= names

@@ -176,8 +176,11 @@ class Telemetry:
         return {name: not healthy for name, healthy in self._probe_results.items()}
 
     async def close(self) -> None:
+        """Flush buffered spans (in a thread: the exporter blocks on its HTTP call)."""
         if self.tracing is not None:
-            self.tracing.shutdown()
+            import asyncio
+
+            await asyncio.to_thread(self.tracing.shutdown)
 
 
 class RequestObservation:
