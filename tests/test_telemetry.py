@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import http.server
 import logging
 import threading
@@ -263,7 +264,8 @@ class TestTracing:
         )
         assert response.status in (200, 401)
         sent = await response.json() if response.status == 200 else {"headers": {}}
-        forbidden = ["not-a-real-token-abc123", TEST_SECRETS["acme-k1"].hex()]
+        key = TEST_SECRETS["acme-k1"]
+        forbidden = ["not-a-real-token-abc123", key.hex(), base64.b64encode(key).decode()]
         forbidden += [
             v for k, v in sent["headers"].items() if k in ("signature", "signature-input")
         ]
