@@ -21,6 +21,8 @@ _SECRET_NAME: Final = re.compile(
 _URL_PASSWORD: Final = re.compile(r"://[^/@\s:]*:[^/@\s]+@")
 _PEM: Final = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 _INLINE_FLAG: Final = re.compile(r"^--?(requirepass|password|masterauth)(=|$)", re.IGNORECASE)
+#: Fields whose value names a secret (a reference), never holds one.
+_REFERENCES: Final = frozenset({"secretName"})
 #: Where mounted secrets live (compose secrets, Kubernetes Secret volumes).
 SECRET_PATHS: Final = ("/run/secrets/", "/etc/nops/secrets/")
 
@@ -66,7 +68,8 @@ def inline_secrets(pairs: Iterable[tuple[str, str]]) -> list[str]:
         elif _INLINE_FLAG.match(value) and "=" in value:
             found.append(f"{name}: {value.split('=')[0]}=...")
         elif (
-            _SECRET_NAME.search(leaf)
+            leaf not in _REFERENCES
+            and _SECRET_NAME.search(leaf)
             and not leaf.upper().endswith("_FILE")
             and not value.startswith(SECRET_PATHS)
         ):
