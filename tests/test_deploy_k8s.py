@@ -234,7 +234,7 @@ class TestGateway:
         assert "COPY deploy/opa ./deploy/opa" in (ROOT / "Dockerfile").read_text()
         sets = [a.split("=", 1)[1] for a in argv if a.startswith("--set=")]
         url = yarl.URL(dict(s.split("=", 1) for s in sets)["services.bundles.url"])
-        server = _kind("Service")[url.host]
+        server = _kind("Service")[str(url.host)]
         assert url.port in {p["port"] for p in server["spec"]["ports"]}
         key_file = _flag(argv, "--set-file").removeprefix("keys.nops-bundle.key=")
         pod = _pod(_kind("Deployment")["nops-gateway"])
