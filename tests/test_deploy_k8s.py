@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
+import subprocess
 from collections.abc import Mapping
 from typing import Any, Final
 
 import kubernetes_validate
 import pytest
+import yaml
 import yarl
 from aiohttp import web
 
@@ -177,6 +180,27 @@ class TestSchemas:
         change(broken)
         with pytest.raises(kubernetes_validate.ValidationError, match=error):
             kubernetes_validate.validate(broken, KUBE_VERSIONS[-1], strict=True)
+
+    def test_kustomize_build_renders_valid_objects_when_available(self) -> None:
+        """`kustomize build` (or `kubectl kustomize`), when installed, renders the directory
+        into objects that validate, in namespace nops, with the generated ConfigMap."""
+        tools = ROOT / ".tools" / "bin" / "kustomize"
+        if tools.exists():
+            argv = [str(tools), "build"]
+        elif shutil.which("kustomize"):
+            argv = ["kustomize", "build"]
+        elif shutil.which("kubectl"):
+            argv = ["kubectl", "kustomize"]
+        else:
+            pytest.skip("neither kustomize nor kubectl is installed")
+        done = subprocess.run([*argv, str(K8S)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        rendered = [d for d in yaml.safe_load_all(done.stdout) if d is not None]
+        assert len(rendered) == len(OBJECTS) + 1  # + the generated ConfigMap
+        for obj in rendered:
+            kubernetes_validate.validate(obj, KUBE_VERSIONS[-1], strict=True)
+            if obj["kind"] != "Namespace":
+                assert obj["metadata"]["namespace"] == "nops", obj["metadata"]["name"]
 
 
 class TestGateway:
