@@ -282,6 +282,50 @@ class TestFailures:
         )
         await assert_problem(await client.get("/echo/x"), 502, "upstream-unavailable")
 
+    @pytest.mark.parametrize(
+        ("dead", "path", "failure"),
+        [
+            pytest.param(False, "/echo/status/503", (503, None), id="upstream-answers-503"),
+            pytest.param(True, "/echo/x", (502, "upstream-unavailable"), id="connection-refused"),
+        ],
+    )
+    async def test_failing_upstream_opens_the_route_circuit(
+        self,
+        make_gateway: GatewayFactory,
+        upstream: TestServer,
+        dead: bool,
+        path: str,
+        failure: tuple[int, str | None],
+    ) -> None:
+        """circuit_failures failures in a row: 503 circuit-open, not sent, Retry-After."""
+        anonymous = {"auth": "none", "require_signature": False}
+        live = str(upstream.make_url("")).rstrip("/")
+        routes = [
+            {
+                "name": "echo",
+                "prefix": "/echo/",
+                "upstream": f"http://127.0.0.1:{free_port()}" if dead else live,
+                "circuit_failures": 2,
+                "circuit_open_s": 30,
+                **anonymous,
+            },
+            {"name": "readonly", "prefix": "/readonly/", "upstream": live, **anonymous},
+        ]
+        client = await make_gateway(routes=routes)
+        status, code = failure
+        for _ in range(2):
+            response = await client.get(path)
+            if code is None:
+                assert response.status == status  # the upstream's own answer
+            else:
+                await assert_problem(response, status, code)
+        refused = await client.get(path)
+        body = await assert_problem(refused, 503, "circuit-open", ["circuit_open"])
+        assert len(body["decision_id"]) == 36
+        assert 1 <= int(refused.headers["Retry-After"]) <= 30
+        # One route's circuit is its own: another route to the same upstream still serves.
+        assert (await client.get("/readonly/x")).status == 200
+
     async def test_upstream_slow_is_504(self, gateway: Client) -> None:
         """An upstream slower than the route timeout (1 s here) is 504 upstream-timeout."""
         response = await gateway.get("/echo/slow/3")

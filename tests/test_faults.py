@@ -49,7 +49,7 @@ from tests.registrykit import Client, RegistryFactory, tenant
 from tests.services import PostgresService, RedisService
 
 #: What each kind of request is (all GET):
-#: signed     /locked/x: RFC 9421 signature and a bearer JWT, to the echo upstream;
+#: signed     /locked/x: RFC 9421 signature and a bearer JWT, to an upstream process;
 #: agent      /agents/a1/x: signature and JWT, to agent a1 found in the registry;
 #: anonymous  /echo/x: unsigned, rate limited per address, no replay check.
 PATHS: Final = {"signed": "/locked/x", "agent": "/agents/a1/x", "anonymous": "/echo/x"}
@@ -61,7 +61,8 @@ OK: Final[Outcome] = (200, None)
 POLICY_UNAVAILABLE: Final[Outcome] = (503, "policy-unavailable")
 REPLAY_UNAVAILABLE: Final[Outcome] = (503, "dependency-unavailable")
 UPSTREAM_UNAVAILABLE: Final[Outcome] = (502, "upstream-unavailable")
-CIRCUIT_OPEN: Final[Outcome] = (503, "agent-unavailable")
+AGENT_CIRCUIT_OPEN: Final[Outcome] = (503, "agent-unavailable")
+ROUTE_CIRCUIT_OPEN: Final[Outcome] = (503, "circuit-open")
 
 _WAIT_S: Final = 20.0
 
@@ -165,6 +166,8 @@ class Stack:
     redis: RedisService
     postgres: PostgresService
     agent: AgentProcess
+    #: The upstream of the plain route /locked/.
+    backend: AgentProcess
     chain_id: str
     audit_dir: Path
     traffic: Traffic
@@ -241,6 +244,14 @@ async def _kill_agent(stack: Stack) -> None:
 
 async def _start_agent(stack: Stack) -> None:
     await asyncio.to_thread(stack.agent.start)  # the same port: the registry is unchanged
+
+
+async def _kill_backend(stack: Stack) -> None:
+    await asyncio.to_thread(stack.backend.kill)
+
+
+async def _start_backend(stack: Stack) -> None:
+    await asyncio.to_thread(stack.backend.start)
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,9 +339,21 @@ FAULTS: Final = [
             kill=_kill_agent,
             restore=_start_agent,
             # The agent's circuit opens: refused at once, without a call.
-            during=_each({OK}, agent={UPSTREAM_UNAVAILABLE, CIRCUIT_OPEN}),
-            must_see={"agent": (CIRCUIT_OPEN, "circuit_open"), "signed": (OK, None)},
+            during=_each({OK}, agent={UPSTREAM_UNAVAILABLE, AGENT_CIRCUIT_OPEN}),
+            must_see={"agent": (AGENT_CIRCUIT_OPEN, "circuit_open"), "signed": (OK, None)},
             # An upstream is not a dependency of the node: it stays ready.
+            ready_status=200,
+            readiness="ready",
+        ),
+        id="agent",
+    ),
+    pytest.param(
+        Fault(
+            kill=_kill_backend,
+            restore=_start_backend,
+            # The route's circuit opens: 503 circuit-open, without a call.
+            during=_each({OK}, signed={UPSTREAM_UNAVAILABLE, ROUTE_CIRCUIT_OPEN}),
+            must_see={"signed": (ROUTE_CIRCUIT_OPEN, "circuit_open"), "agent": (OK, None)},
             ready_status=200,
             readiness="ready",
         ),
@@ -344,7 +367,17 @@ FAULTS: Final = [
 
 @pytest.fixture
 async def agent() -> AsyncIterator[AgentProcess]:
+    """Agent a1, in its own process."""
     process = AgentProcess("a1", free_port())
+    await asyncio.to_thread(process.start)
+    yield process
+    process.kill()
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[AgentProcess]:
+    """The upstream of /locked/: an echoing process that can be killed."""
+    process = AgentProcess("backend", free_port())
     await asyncio.to_thread(process.start)
     yield process
     process.kill()
@@ -369,6 +402,7 @@ async def make_stack(
     upstream: TestServer,
     registry: Client,
     agent: AgentProcess,
+    backend: AgentProcess,
     redis_server: RedisService,
     postgres_server: PostgresService,
     jwt_issuer: FakeIssuer,
@@ -426,7 +460,14 @@ async def make_stack(
                     "auth": "none",
                     "require_signature": False,
                 },
-                {"name": "locked", "prefix": "/locked/", "upstream": upstream_url},
+                {
+                    "name": "locked",
+                    "prefix": "/locked/",
+                    "upstream": backend.url,
+                    "connect_timeout_s": 0.5,
+                    "circuit_failures": 3,
+                    "circuit_open_s": 0.5,
+                },
                 {
                     "name": "agents",
                     "prefix": "/agents/",
@@ -447,7 +488,15 @@ async def make_stack(
         )
         traffic = Traffic(client, jwt_issuer.token(scope="locked:read"))
         stack = Stack(
-            client, opa, redis_server, postgres_server, agent, chain_id, audit_dir, traffic
+            client,
+            opa,
+            redis_server,
+            postgres_server,
+            agent,
+            backend,
+            chain_id,
+            audit_dir,
+            traffic,
         )
         stacks.append(stack)
         return stack

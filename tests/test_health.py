@@ -68,7 +68,11 @@ class TestReadiness:
 
         own_opa = OpaProcess(POLICY_DIR)
         own_opa.start()
-        services = {"redis": redis_server, "postgres": postgres_server, "opa": own_opa}
+        services: dict[str, RedisService | PostgresService | OpaProcess] = {
+            "redis": redis_server,
+            "postgres": postgres_server,
+            "opa": own_opa,
+        }
         try:
             client = await make_gateway(
                 policy={"url": own_opa.url},
