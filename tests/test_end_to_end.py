@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.middleware import SECURITY_HEADERS
@@ -75,6 +76,43 @@ class TestAllowedRequests:
         assert headers["x-kept"] == "yes"
         # SECURITY: a client-supplied X-Forwarded-For from an untrusted peer is replaced.
         assert headers["x-forwarded-for"] == "127.0.0.1"
+
+    async def test_upstream_redirect_is_relayed_not_followed(
+        self, make_gateway: GatewayFactory
+    ) -> None:
+        """An upstream's 302 reaches the caller as it is; the gateway never follows it."""
+        followed: list[str] = []
+
+        async def redirect(request: web.Request) -> web.Response:
+            raise web.HTTPFound(str(request.url.with_path("/internal")))
+
+        async def target(request: web.Request) -> web.Response:
+            followed.append(request.path)
+            return web.Response(text="followed")
+
+        app = web.Application()
+        app.router.add_get("/echo/go", redirect)
+        app.router.add_get("/internal", target)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        try:
+            gateway = await make_gateway(
+                routes=[
+                    {
+                        "name": "echo",
+                        "prefix": "/echo/",
+                        "upstream": str(server.make_url("")).rstrip("/"),
+                        "auth": "none",
+                        "require_signature": False,
+                    }
+                ]
+            )
+            response = await gateway.get("/echo/go", allow_redirects=False)
+            assert response.status == 302
+            assert response.headers["Location"] == str(server.make_url("/internal"))
+            assert followed == []
+        finally:
+            await server.close()
 
     async def test_upstream_cookies_are_not_shared_between_clients(
         self, make_gateway: GatewayFactory, upstream: TestServer
