@@ -1,4 +1,8 @@
-"""THREAT_MODEL.md stays true: every test it names exists, every stage has its STRIDE rows."""
+"""THREAT_MODEL.md stays true: every test it names exists, every stage has its STRIDE rows.
+
+The criticality matrix in docs/operations.md ("Degraded modes") is held to
+the same rule.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from gateway.pipeline import STAGE_ORDER
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 THREAT_MODEL: Final = ROOT / "THREAT_MODEL.md"
+OPERATIONS: Final = ROOT / "docs" / "operations.md"
 TESTS: Final = {path.name: path.read_text() for path in (ROOT / "tests").glob("*.py")}
 ALL_TESTS: Final = "\n".join(TESTS.values())
 STRIDE: Final = (
@@ -95,8 +100,21 @@ def names_a_test(held_by: str) -> bool:
     )
 
 
+def _matrix_rows(text: str) -> list[tuple[str, str]]:
+    """(dependency, held by) for each row of the Degraded modes criticality matrix."""
+    part = text.split("## Degraded modes", 1)[1].split("\n## ", 1)[0]
+    part = part.split("### The criticality matrix", 1)[1]
+    rows = []
+    for line in part.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 8 and cells[0] not in ("dependency", "---"):
+            rows.append((cells[0], cells[7]))
+    return rows
+
+
 TEXT: Final = THREAT_MODEL.read_text()
 ROWS: Final = _rows(TEXT)
+MATRIX: Final = _matrix_rows(OPERATIONS.read_text())
 
 
 class TestThreatModel:
@@ -128,6 +146,18 @@ class TestThreatModel:
             if category in row.stride
         }
         assert covered == set(STRIDE), f"{stage}: missing {set(STRIDE) - covered}"
+
+    def test_the_matrix_has_rows(self) -> None:
+        """The Degraded modes matrix is found, with a row per dependency."""
+        assert len(MATRIX) >= 8
+
+    @pytest.mark.parametrize(("dependency", "held_by"), MATRIX, ids=[d for d, _ in MATRIX])
+    def test_every_degraded_mode_is_held_by_an_existing_test(
+        self, dependency: str, held_by: str
+    ) -> None:
+        """Each row of the criticality matrix names tests, and they exist."""
+        assert names_a_test(held_by)
+        assert missing_references(held_by) == []
 
     @pytest.mark.parametrize(
         ("cell", "missing"),
