@@ -181,7 +181,7 @@ async def _audit(app: web.Application) -> AsyncIterator[None]:
         log = recorder.log
 
         async def audit_state() -> CheckState:
-            if not log.healthy:
+            if not await log.probe():
                 return CheckState.UNHEALTHY
             return CheckState.DEGRADED if log.spooling else CheckState.OK
 
