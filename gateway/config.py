@@ -516,6 +516,14 @@ class RouteConfig:
     #: Pass the caller's Authorization header upstream. Off: a credential the
     #: gateway verified is removed, and the upstream gets X-Nops-* identity.
     forward_authorization: bool = False
+    #: kind = "upstream": consecutive failures (connect errors, timeouts,
+    #: 502/503/504) that open the route's circuit; while open, requests are
+    #: refused without a call (503 circuit-open) for ``circuit_open_s``, then
+    #: ``circuit_half_open_max`` trials decide. Agent routes set theirs under
+    #: ``agent``, egress under ``[egress]``.
+    circuit_failures: int = 5
+    circuit_open_s: float = 5.0
+    circuit_half_open_max: int = 1
 
     def validate(self, key: str) -> None:
         _require(
@@ -556,6 +564,9 @@ class RouteConfig:
             _require(self.agent is None, f"{key}.agent", 'is only for kind = "agent" routes')
         _require(self.timeout_s > 0, f"{key}.timeout_s", "must be > 0")
         _require(self.connect_timeout_s > 0, f"{key}.connect_timeout_s", "must be > 0")
+        _require(self.circuit_failures >= 1, f"{key}.circuit_failures", "must be >= 1")
+        _require(self.circuit_open_s > 0, f"{key}.circuit_open_s", "must be > 0")
+        _require(self.circuit_half_open_max >= 1, f"{key}.circuit_half_open_max", "must be >= 1")
         for index, scope in enumerate(self.scopes):
             _require(_SCOPE.fullmatch(scope) is not None, f"{key}.scopes[{index}]", "not a scope")
         _require(

@@ -106,6 +106,24 @@ class TestParse:
                 "duplicate",
                 id="duplicate-prefix",
             ),
+            pytest.param(
+                {"routes": [{**ROUTE, "circuit_failures": 0}]},
+                "routes[0].circuit_failures",
+                ">= 1",
+                id="circuit-failures",
+            ),
+            pytest.param(
+                {"routes": [{**ROUTE, "circuit_open_s": 0}]},
+                "routes[0].circuit_open_s",
+                "> 0",
+                id="circuit-open-s",
+            ),
+            pytest.param(
+                {"routes": [{**ROUTE, "circuit_half_open_max": 0}]},
+                "routes[0].circuit_half_open_max",
+                ">= 1",
+                id="circuit-half-open-max",
+            ),
         ],
     )
     def test_bad_values_name_the_key(self, table: dict[str, Any], key: str, message: str) -> None:
