@@ -220,7 +220,7 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
 def _add_fallback_checks(readiness: ReadinessChecker, pipeline: Pipeline) -> None:
     """Readiness checks for the stages that keep serving on a fallback."""
     ratelimit = next((s for s in pipeline.stages if isinstance(s, Ratelimit)), None)
-    if ratelimit is not None and ratelimit.enabled and ratelimit.limiter.shared:
+    if ratelimit is not None and ratelimit.enabled and ratelimit.limiter.shared is not None:
         limiter = ratelimit.limiter
         readiness.add("ratelimit", fallback_probe(lambda: limiter.degraded), critical=False)
     route = next((s for s in pipeline.stages if isinstance(s, Route)), None)

@@ -122,11 +122,6 @@ class QuotaLimiter:
         self._retry_at = 0.0
         self.degraded = False
 
-    @property
-    def shared(self) -> bool:
-        """True when quotas live in Redis (shared by every node), memory being the fallback."""
-        return self._shared is not None
-
     @classmethod
     def for_config(
         cls, config: RateLimitConfig, *, redis: Redis | None, metrics: Metrics
