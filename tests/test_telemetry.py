@@ -91,12 +91,16 @@ class TestMetricsEndpoint:
         assert value(samples, "nops_gateway_audit_durability_seconds_count") >= 1
         assert value(samples, "nops_gateway_upstream_duration_seconds_count", route="echo") == 1
         assert ("nops_gateway_audit_queue_depth", ()) in samples
+        # One circuit per upstream route, closed while the upstream answers.
+        circuits = "nops_gateway_circuit_state"
+        assert value(samples, circuits, route="echo", state="closed") == 1
+        assert value(samples, circuits, route="echo", state="open") == 0
 
     async def test_degraded_gauges(self, make_gateway: GatewayFactory) -> None:
-        """Each watched dependency has a degraded gauge; all healthy reads 0."""
+        """Each readiness check has a degraded gauge; all healthy reads 0."""
         gateway = await make_gateway(metrics=METRICS_ON)
         samples = await scrape(gateway)
-        for dependency in ("ratelimit", "policy", "audit"):
+        for dependency in ("ratelimit", "opa", "audit"):
             key = ("nops_gateway_degraded", (("dependency", dependency),))
             assert samples[key] == 0.0, dependency
         gateway.server.app[METRICS].ratelimit_degraded = True
@@ -106,12 +110,12 @@ class TestMetricsEndpoint:
     async def test_unreachable_policy_engine_reads_degraded(
         self, make_gateway: GatewayFactory
     ) -> None:
-        """A scrape asks the engine first: OPA unreachable shows as degraded policy."""
+        """A scrape runs the readiness checks first: OPA unreachable reads degraded opa."""
         gateway = await make_gateway(
             metrics=METRICS_ON, policy={"url": f"http://127.0.0.1:{free_port()}"}
         )
         samples = await scrape(gateway)
-        assert value(samples, "nops_gateway_degraded", dependency="policy") == 1.0
+        assert value(samples, "nops_gateway_degraded", dependency="opa") == 1.0
         assert value(samples, "nops_gateway_degraded", dependency="audit") == 0.0
 
     async def test_metrics_never_served_on_the_proxied_port(

@@ -108,9 +108,9 @@ class Telemetry:
     ) -> None:
         self.instruments: GatewayInstruments | None = None
         self.tracing: Tracing | None = None
-        #: Async probes run before each scrape: dependency name -> healthy.
-        self.probes: dict[str, Callable[[], Awaitable[bool]]] = {}
-        self._probe_results: dict[str, bool] = {}
+        #: Run before each scrape: dependency name -> degraded (the /_readyz checks).
+        self.readiness: Callable[[], Awaitable[dict[str, bool]]] | None = None
+        self._degraded_now: dict[str, bool] = {}
         if config.metrics.enabled:
             from gateway.telemetry.prom import GatewayInstruments
 
@@ -161,19 +161,13 @@ class Telemetry:
         if self.instruments is not None:
             self.instruments.watch_audit_queue(depth)
 
-    async def refresh(self, timeout_s: float = 1.0) -> None:
-        """Run the async probes (before a scrape), each within ``timeout_s``."""
-        import asyncio
-
-        for name, probe in self.probes.items():
-            try:
-                healthy = await asyncio.wait_for(probe(), timeout_s)
-            except Exception:  # noqa: BLE001 - a failing probe means degraded, not a failed scrape
-                healthy = False
-            self._probe_results[name] = healthy
+    async def refresh(self) -> None:
+        """Ask the readiness checks (each within its probe timeout) before a scrape."""
+        if self.readiness is not None:
+            self._degraded_now = await self.readiness()
 
     def _degraded(self) -> dict[str, bool]:
-        return {name: not healthy for name, healthy in self._probe_results.items()}
+        return self._degraded_now
 
     async def close(self) -> None:
         """Flush buffered spans (in a thread: the exporter blocks on its HTTP call)."""
@@ -425,6 +419,12 @@ def _failed(span: Span, exc: BaseException) -> None:
 
 def _circuits(pipeline: Pipeline) -> Iterator[tuple[str, list[Any]]]:
     for stage in pipeline.stages:
+        # Upstream routes: one breaker each (the route stage's ``breakers``).
+        single = getattr(stage, "breakers", None)
+        if isinstance(single, dict):
+            for route, breaker in single.items():
+                yield route, [breaker.state]
+        # Agent and egress routes: one breaker per endpoint or destination.
         for attribute in ("agents", "egress"):
             routers = getattr(stage, attribute, None)
             if not isinstance(routers, dict):

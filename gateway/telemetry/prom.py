@@ -292,8 +292,8 @@ class _InProcessCollector(Collector):
         yield storage_errors
         degraded = GaugeMetricFamily(
             PREFIX + "degraded",
-            "1 while a dependency runs degraded (ratelimit: memory fallback; audit: spooling;"
-            " policy: engine unhealthy).",
+            "1 while a /_readyz check is not ok (on a fallback, or down): opa, audit, redis,"
+            " postgres, ratelimit, registry.",
             labels=("dependency",),
         )
         states = {"ratelimit": m.ratelimit_degraded}
