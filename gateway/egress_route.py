@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import ssl
 from collections.abc import Mapping
@@ -56,6 +57,7 @@ from gateway.circuit import CircuitBreakers
 from gateway.config import Config, EgressConfig, RouteConfig
 from gateway.context import RequestContext
 from gateway.errors import (
+    CircuitOpen,
     EgressDenied,
     GatewayError,
     MalformedRequest,
@@ -270,8 +272,11 @@ class EgressRouter:
         breaker = self.breakers.get(destination.name, label=destination.name)
         ticket = breaker.allow()
         if ticket is None:
-            return UpstreamUnavailable(
-                f"the circuit of {destination.name} is open", reasons=("circuit_open",)
+            retry_after = str(max(math.ceil(breaker.retry_in), 1))
+            return CircuitOpen(
+                f"the circuit of {destination.name} is open; the request was not sent",
+                reasons=("circuit_open",),
+                headers={"Retry-After": retry_after},
             ), False
         try:
             checked = await self.guard.check(

@@ -443,7 +443,8 @@ class TestConnect:
             response = await client.get("/egress/partner-wiki/", headers=headers)
             await assert_problem(response, 502, "upstream-unavailable")
         response = await client.get("/egress/partner-wiki/", headers=headers)
-        await assert_problem(response, 502, "upstream-unavailable", reasons=["circuit_open"])
+        await assert_problem(response, 503, "circuit-open", reasons=["circuit_open"])
+        assert int(response.headers["Retry-After"]) >= 1
 
 
 class TestPolicyInput:
