@@ -78,6 +78,13 @@ class CircuitBreaker:
         return self._state
 
     @property
+    def retry_in(self) -> float:
+        """Seconds until an open circuit lets a trial through; 0 unless open."""
+        if self.state is not CircuitState.OPEN:
+            return 0.0
+        return max(self._open_s - (self._clock() - self._opened_at), 0.0)
+
+    @property
     def failures(self) -> int:
         """Consecutive failures counted while closed."""
         return self._failures
@@ -158,6 +165,10 @@ class CircuitBreakers:
 
     def __len__(self) -> int:
         return len(self._breakers)
+
+    def states(self) -> list[CircuitState]:
+        """The state of every breaker kept (for the circuit_state metric)."""
+        return [breaker.state for breaker in self._breakers.values()]
 
     def get(self, key: Hashable, *, label: str = "") -> CircuitBreaker:
         """The breaker for ``key``; ``label`` names it in logs (never a secret)."""

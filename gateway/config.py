@@ -19,6 +19,12 @@ underscores between levels), for example ``NOPS_GATEWAY__SERVER__PORT=9000``
 or ``NOPS_GATEWAY__POLICY__URL=http://opa:8181``. Values are parsed as TOML
 scalars when they look like one (``9000``, ``true``, ``1.5``) and taken as
 strings otherwise. Array-of-table keys (``routes``) cannot be overridden.
+
+A value that is itself a secret (a DSN or URL with a password) can come from a
+file instead, as container secrets are mounted:
+``NOPS_GATEWAY_FILE__DEPENDENCIES__POSTGRES_DSN=/run/secrets/postgres_dsn``
+sets ``dependencies.postgres_dsn`` to the file's text (one trailing newline
+removed), always as a string. Setting both forms of one key is an error.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ __all__ = [
     "DEFAULT_CONFIG",
     "DEFAULT_REQUIRED_COMPONENTS",
     "ENV_PREFIX",
+    "FILE_ENV_PREFIX",
     "HMAC_ALGORITHMS",
     "AdminConfig",
     "AdminKeyConfig",
@@ -62,6 +69,7 @@ __all__ = [
     "IssuerConfig",
     "KeyConfig",
     "LoggingConfig",
+    "MetricsConfig",
     "PolicyCacheConfig",
     "PolicyConfig",
     "PolicyShadowConfig",
@@ -72,6 +80,7 @@ __all__ = [
     "ServerConfig",
     "SignatureConfig",
     "TenantConfig",
+    "TracingConfig",
     "load_config",
     "parse_config",
     "rfc3339_timestamp",
@@ -79,6 +88,8 @@ __all__ = [
 
 CONFIG_VERSION: Final = 1
 ENV_PREFIX: Final = "NOPS_GATEWAY__"
+#: ``NOPS_GATEWAY_FILE__<SECTION>__<KEY>=<path>``: the value is read from the file.
+FILE_ENV_PREFIX: Final = "NOPS_GATEWAY_FILE__"
 
 _ROUTE_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
 _CHAIN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -321,6 +332,39 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Prometheus ``/metrics`` on its own listener, apart from the proxied traffic."""
+
+    enabled: bool = False
+    #: Keep it on loopback (or a private interface): the admin listener has no auth.
+    host: str = "127.0.0.1"
+    #: 0 picks a free port (tests).
+    port: int = 9090
+
+    def validate(self, key: str) -> None:
+        _require(bool(self.host), f"{key}.host", "must not be empty")
+        _require(0 <= self.port <= 65535, f"{key}.port", "must be between 0 and 65535")
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """OpenTelemetry traces; ``exporter = "none"`` (the default) costs nothing."""
+
+    exporter: Literal["none", "otlp", "console"] = "none"
+    #: OTLP/HTTP traces endpoint; empty means the exporter's default (or OTEL_EXPORTER_*).
+    endpoint: str = ""
+    #: Fraction of traces kept, decided on the trace id (a client cannot force it).
+    sample_ratio: float = 1.0
+    service_name: str = "nops-gateway"
+
+    def validate(self, key: str) -> None:
+        _require(0.0 <= self.sample_ratio <= 1.0, f"{key}.sample_ratio", "must be between 0 and 1")
+        _require(bool(self.service_name), f"{key}.service_name", "must not be empty")
+        if self.endpoint:
+            _require_http_url(self.endpoint, f"{key}.endpoint")
+
+
+@dataclass(frozen=True, slots=True)
 class AgentRouteConfig:
     """How a ``kind = "agent"`` route finds agents in the registry and calls them."""
 
@@ -507,6 +551,14 @@ class RouteConfig:
     #: Pass the caller's Authorization header upstream. Off: a credential the
     #: gateway verified is removed, and the upstream gets X-Nops-* identity.
     forward_authorization: bool = False
+    #: kind = "upstream": consecutive failures (connect errors, timeouts,
+    #: 502/503/504) that open the route's circuit; while open, requests are
+    #: refused without a call (503 circuit-open) for ``circuit_open_s``, then
+    #: ``circuit_half_open_max`` trials decide. Agent routes set theirs under
+    #: ``agent``, egress under ``[egress]``.
+    circuit_failures: int = 5
+    circuit_open_s: float = 5.0
+    circuit_half_open_max: int = 1
 
     def validate(self, key: str) -> None:
         _require(
@@ -547,6 +599,9 @@ class RouteConfig:
             _require(self.agent is None, f"{key}.agent", 'is only for kind = "agent" routes')
         _require(self.timeout_s > 0, f"{key}.timeout_s", "must be > 0")
         _require(self.connect_timeout_s > 0, f"{key}.connect_timeout_s", "must be > 0")
+        _require(self.circuit_failures >= 1, f"{key}.circuit_failures", "must be >= 1")
+        _require(self.circuit_open_s > 0, f"{key}.circuit_open_s", "must be > 0")
+        _require(self.circuit_half_open_max >= 1, f"{key}.circuit_half_open_max", "must be >= 1")
         for index, scope in enumerate(self.scopes):
             _require(_SCOPE.fullmatch(scope) is not None, f"{key}.scopes[{index}]", "not a scope")
         _require(
@@ -910,6 +965,8 @@ class Config:
     api_keys: tuple[ApiKeyConfig, ...] = ()
     admin: AdminConfig = field(default_factory=AdminConfig)
     egress: EgressConfig = field(default_factory=EgressConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     def validate(self) -> None:
         _require(
@@ -928,6 +985,8 @@ class Config:
             "the postgres store needs audit.dsn or dependencies.postgres_dsn",
         )
         self.admin.validate("admin")
+        self.metrics.validate("metrics")
+        self.tracing.validate("tracing")
         names: set[str] = set()
         prefixes: set[str] = set()
         for index, route in enumerate(self.routes):
@@ -1004,20 +1063,43 @@ def parse_config(table: Mapping[str, Any]) -> Config:
 
 
 def _apply_env(table: dict[str, Any], environ: Mapping[str, str]) -> None:
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX):
+    seen: dict[str, str] = {}
+    for name, raw in sorted(environ.items()):
+        if name.startswith(ENV_PREFIX):
+            parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        elif name.startswith(FILE_ENV_PREFIX):
+            parts = [p.lower() for p in name[len(FILE_ENV_PREFIX) :].split("__")]
+        else:
             continue
-        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         key = ".".join(parts)
         if not all(parts):
             raise ConfigError(key, f"malformed environment override {name}")
+        if key in seen:
+            raise ConfigError(key, f"set by both {seen[key]} and {name}")
+        seen[key] = name
+        if name.startswith(FILE_ENV_PREFIX):
+            value: Any = _secret_file_value(raw, key, name)
+        else:
+            value = _env_value(raw)
         node = table
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 raise ConfigError(key, f"{name} overrides a value that is not a table")
             node = child
-        node[parts[-1]] = _env_value(raw)
+        node[parts[-1]] = value
+
+
+def _secret_file_value(path: str, key: str, name: str) -> str:
+    """The text of the file ``name`` points at: a secret, never echoed in an error."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(key, f"{name}: cannot read {path}: {reason}") from None
+    value = text.removesuffix("\n").removesuffix("\r")
+    _require(bool(value), key, f"{name}: {path} is empty")
+    return value
 
 
 def _env_value(raw: str) -> Any:

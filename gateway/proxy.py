@@ -8,7 +8,8 @@ on a route whose ``auth`` is not "none") is removed unless the route sets
 ``X-Nops-Tenant``, ``-Subject``, ``-Agent``, ``-Scopes`` and
 ``-Decision-Id``. Callers can never send ``X-Nops-*`` themselves. The
 request signature (``Signature``, ``Signature-Input``) is the caller's proof
-to the gateway and is not forwarded.
+to the gateway and is not forwarded. With tracing on, ``traceparent`` and
+``tracestate`` name the gateway's upstream span (same trace id as the caller's).
 Bodies stream in both directions; the request body is cut off at the
 configured cap. A body a stage already read whole (``ctx.body``, to verify
 its digest) is sent as those bytes. Connection failures are 502, timeouts 504.
@@ -16,6 +17,7 @@ its digest) is sent as those bytes. Connection failures are 502, timeouts 504.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import Final
@@ -28,6 +30,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.config import RouteConfig
 from gateway.context import RequestContext
 from gateway.errors import PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
+from gateway.telemetry import inject_trace, operation
 
 __all__ = ["HOP_BY_HOP", "ReverseProxy"]
 
@@ -105,7 +108,7 @@ class ReverseProxy:
     async def forward(self, ctx: RequestContext, route: RouteConfig) -> web.StreamResponse:
         request = ctx.request
         url = _target_url(route, request)
-        timeout = aiohttp.ClientTimeout(total=route.timeout_s, connect=route.connect_timeout_s)
+        timeout = _timeout(route.timeout_s, route.connect_timeout_s)
         body: _CappedBody | None = None
         data: bytes | AsyncIterator[bytes] | None = None
         if ctx.body is not None:
@@ -115,15 +118,16 @@ class ReverseProxy:
             body = _CappedBody(request, self._max_body)
             data = body.chunks()
         try:
-            upstream = await self._session.request(
-                request.method,
-                url,
-                headers=_upstream_headers(ctx, url, self._trusted),
-                data=data,
-                timeout=timeout,
-                allow_redirects=False,
-                auto_decompress=False,
-            )
+            with operation("upstream", route.name):
+                upstream = await self._session.request(
+                    request.method,
+                    url,
+                    headers=_upstream_headers(ctx, url, self._trusted),
+                    data=data,
+                    timeout=timeout,
+                    allow_redirects=False,
+                    auto_decompress=False,
+                )
         except (_BodyTooLarge, aiohttp.ClientError, TimeoutError) as exc:
             # The body cap surfaces as whatever aiohttp wraps it in; check it first.
             if body is not None and body.exceeded:
@@ -155,15 +159,16 @@ class ReverseProxy:
         that choose the target themselves and may retry (:mod:`gateway.agents`);
         they :meth:`relay` the answer and release it.
         """
-        return await self._session.request(
-            ctx.request.method,
-            url,
-            headers=_upstream_headers(ctx, url, self._trusted),
-            data=body,
-            timeout=limits,
-            allow_redirects=False,
-            auto_decompress=False,
-        )
+        with operation("upstream", ctx.route.name if ctx.route is not None else ""):
+            return await self._session.request(
+                ctx.request.method,
+                url,
+                headers=_upstream_headers(ctx, url, self._trusted),
+                data=body,
+                timeout=limits,
+                allow_redirects=False,
+                auto_decompress=False,
+            )
 
     async def relay(
         self, ctx: RequestContext, upstream: aiohttp.ClientResponse, route: RouteConfig
@@ -210,9 +215,21 @@ def _target_url(route: RouteConfig, request: web.Request) -> yarl.URL:
     raw_path, _, query = request.raw_path.partition("?")
     if route.strip_prefix:
         raw_path = "/" + raw_path[len(route.prefix) :]
-    base = yarl.URL(route.upstream)
-    target = str(base.origin()) + base.raw_path.rstrip("/") + raw_path
+    target = _upstream_base(route.upstream) + raw_path
     return yarl.URL(target + ("?" + query if query else ""), encoded=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _upstream_base(upstream: str) -> str:
+    """A route's upstream as origin + path without the trailing slash (parsed once)."""
+    base = yarl.URL(upstream)
+    return str(base.origin()) + base.raw_path.rstrip("/")
+
+
+@functools.lru_cache(maxsize=256)
+def _timeout(total: float, connect: float) -> aiohttp.ClientTimeout:
+    """The (immutable) client timeout of a route, built once."""
+    return aiohttp.ClientTimeout(total=total, connect=connect)
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
@@ -247,6 +264,7 @@ def _upstream_headers(
     headers[hdrs.X_FORWARDED_HOST] = request.host
     headers["X-Request-Id"] = ctx.request_id
     headers[hdrs.HOST] = url.raw_authority
+    inject_trace(headers)  # the current (upstream) span's traceparent, when tracing is on
     return headers
 
 

@@ -20,11 +20,13 @@ from tests.registrykit import (
     assert_registry_problem,
     tenant,
 )
+from tests.secretscan import register_secret
 from tests.services import PostgresService
 
 ACME = tenant("acme")
 GLOBEX = tenant("globex")
 ADMIN_KEY = "k" * 40
+register_secret(ADMIN_KEY, "registry admin key (registry api)")
 
 
 @pytest.fixture
