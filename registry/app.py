@@ -42,7 +42,7 @@ import orjson
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
-from registry.db import create_pool
+from registry.db import STORE_ERRORS, create_pool
 from registry.errors import (
     AdminRequired,
     AgentNotFound,
@@ -384,7 +384,7 @@ async def _edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         # Validation runs first; reaching here means a rule is missing there.
         _log.warning("input passed validation but not the schema")
         error = MalformedBody("the store refused a value in this request")
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except STORE_ERRORS as exc:
         _log.warning("store unavailable", extra={"error": type(exc).__name__})
         error = StoreUnavailable("the registry's database is unavailable; retry later")
     except Exception:  # noqa: BLE001 - the edge turns any failure into a 500 problem

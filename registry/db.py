@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from typing import Final, TypeAlias
 
 import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
-__all__ = ["Conn", "create_pool"]
+__all__ = ["STORE_ERRORS", "Conn", "create_pool"]
 
 #: A connection, or one borrowed from the pool.
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+
+#: What a query raises when PostgreSQL is down or goes away mid-query: its
+#: errors, a dropped connection, and (releasing a pooled connection while the
+#: server shuts down) asyncpg's InternalClientError, which is neither.
+STORE_ERRORS: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 
 async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:

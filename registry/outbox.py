@@ -33,7 +33,7 @@ import aiohttp
 import asyncpg
 import orjson
 
-from registry.db import Conn
+from registry.db import STORE_ERRORS, Conn
 from registry.model import Agent, utc
 
 __all__ = [
@@ -296,7 +296,7 @@ class OutboxRelay:
             self._wake.clear()  # before draining: a wake during the drain is kept
             try:
                 sent = await self.drain_once()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except STORE_ERRORS as exc:
                 _log.warning("outbox drain failed; retrying", extra={"error": type(exc).__name__})
                 sent = 0
             if sent:

@@ -23,6 +23,7 @@ from typing import Final
 
 import asyncpg
 
+from registry.db import STORE_ERRORS
 from registry.model import Status, utc
 
 __all__ = ["DEFAULT_STATUS_POLICY", "StatusPolicy", "Sweeper"]
@@ -136,6 +137,6 @@ class Sweeper:
         while True:
             try:
                 await self.sweep_once()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except STORE_ERRORS as exc:
                 _log.warning("sweep failed; retrying", extra={"error": type(exc).__name__})
             await asyncio.sleep(self._interval)
