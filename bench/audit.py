@@ -60,7 +60,9 @@ async def _measure(log: AuditLog, concurrency: int, duration_s: float) -> dict[s
 
     syncs = log.store.syncs
     started = time.perf_counter()
+    cpu = time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
+    cpu = time.process_time() - cpu
     elapsed = time.perf_counter() - started
     latencies.sort()
     writes = max(log.store.syncs - syncs, 1)
@@ -69,6 +71,8 @@ async def _measure(log: AuditLog, concurrency: int, duration_s: float) -> dict[s
         "p50_ms": round(statistics.median(latencies) * 1e3, 3),
         "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1e3, 3),
         "records_per_write": round(len(latencies) / writes, 1),
+        # Process CPU (every thread, user + system) per durable append.
+        "cpu_us_per_append": round(cpu / max(len(latencies), 1) * 1e6, 1),
         "appends": len(latencies),
     }
 
