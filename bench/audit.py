@@ -9,7 +9,8 @@
    and for PostgreSQL (one transaction per group commit). Without ``--dsn`` a
    private PostgreSQL is started with ``fsync = on`` and ``synchronous_commit
    = on``, so both stores pay for real durability. Also: records per durable
-   write (the group-commit factor) and the file/PostgreSQL throughput ratio.
+   write (the group-commit factor), the process CPU per append (every
+   thread, user and system) and the file/PostgreSQL throughput ratio.
 2. Gateway: the same gateway config served twice, audit on (file store) and
    off, driven alternately by wrk (bench.harness); medians of the rounds and
    the on/off throughput ratio.
@@ -255,12 +256,14 @@ def _gateway(args: argparse.Namespace) -> dict[str, Any]:
 def _print(summary: dict[str, Any]) -> None:
     print(
         f"{'store':10} {'conc':>5} {'appends/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'rec/write':>10}"
+        f" {'CPU µs':>7}"
     )
     for store, rows in summary["stores"].items():
         for concurrency, row in rows.items():
             print(
                 f"{store:10} {concurrency:>5} {row['appends_per_s']:11.0f} {row['p50_ms']:8.2f} "
-                f"{row['p99_ms']:8.2f} {row['records_per_write']:10.1f}"
+                f"{row['p99_ms']:8.2f} {row['records_per_write']:10.1f} "
+                f"{row['cpu_us_per_append']:7.0f}"
             )
     ratios = ", ".join(f"c={c}: {r:.2f}" for c, r in summary["file_vs_postgres_throughput"].items())
     print(f"file/PostgreSQL throughput ratio: {ratios}")
