@@ -226,9 +226,7 @@ class AuditLog:
     async def _write_loop(self) -> None:
         while True:
             if not self._pending and not self._closing:
-                self._wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), self._checkpoint_timeout())
+                await self._idle(self._checkpoint_timeout())
             # Let appends already scheduled in this loop iteration join the batch.
             await asyncio.sleep(0)
             while self._pending:
@@ -241,6 +239,23 @@ class AuditLog:
                 _log.exception("audit checkpoint failed")
             if self._closing and not self._pending:
                 return
+
+    async def _idle(self, wake_in: float | None) -> None:
+        """Wait for an append, or until a checkpoint is due.
+
+        A timer handle rather than ``asyncio.wait_for``, which (before Python
+        3.12) wraps the wait in a new task every time the writer goes idle:
+        at low load that is once per record.
+        """
+        self._wakeup.clear()
+        timer = None
+        if wake_in is not None:
+            timer = asyncio.get_running_loop().call_later(wake_in, self._wakeup.set)
+        try:
+            await self._wakeup.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def _commit(self, batch: list[_Pending]) -> None:
         records: list[Record] = []

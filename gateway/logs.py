@@ -56,13 +56,29 @@ def redact(key: str, value: Any) -> Any:
     return value
 
 
+#: Values :func:`redact` returns unchanged unless their key is sensitive.
+_PLAIN: Final = frozenset({int, float, bool, type(None)})
+
+
 class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON object."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        # The formatted second, reused while records arrive within it.
+        self._second = -1
+        self._second_text = ""
+
+    def _timestamp(self, created: float, msecs: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._second_text}.{int(msecs):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": self._timestamp(record.created, record.msecs),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": redact("msg", record.getMessage()),
@@ -74,7 +90,14 @@ class JsonFormatter(logging.Formatter):
         if trace_id is not None:
             entry["trace_id"] = trace_id
         for key, value in record.__dict__.items():
-            if key not in _RECORD_ATTRS and not key.startswith("_"):
+            if key in _RECORD_ATTRS or key.startswith("_"):
+                continue
+            # redact() inlined for the values a request line carries.
+            if _sensitive(key):
+                entry[key] = REDACTED
+            elif type(value) in _PLAIN or (type(value) is str and "@" not in value):
+                entry[key] = value
+            else:
                 entry[key] = redact(key, value)
         if record.exc_info and record.exc_info[1] is not None:
             # SECURITY: the type and the innermost frame, never a stack trace.

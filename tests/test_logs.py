@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gateway.logs import REDACTED, REQUEST_ID, configure_logging, redact
+from gateway.logs import REDACTED, REQUEST_ID, JsonFormatter, configure_logging, redact
 
 
 class TestRedact:
@@ -81,3 +81,41 @@ class TestFormatter:
         assert "test_logs.py" in line["error_at"]
         assert "Traceback" not in json.dumps(line)
         assert "s3cret" not in json.dumps(line)
+
+    @pytest.mark.parametrize(
+        ("key", "value"),
+        [
+            pytest.param("token_hint", 42, id="sensitive-key-number"),
+            pytest.param("client_secret", "s", id="sensitive-key-string"),
+            pytest.param("upstream", "https://u:p@up.example/x", id="url-credentials"),
+            pytest.param("upstream_user", "a@b", id="at-sign-no-url"),
+            pytest.param("route", "echo", id="plain-string"),
+            pytest.param("status", 200, id="int"),
+            pytest.param("duration_ms", 1.25, id="float"),
+            pytest.param("spooled", True, id="bool"),
+            pytest.param("tenant", None, id="none"),
+            pytest.param("reasons", ["a", "redis://:pw@h/0"], id="list"),
+            pytest.param("pair", ("x", 1), id="tuple"),
+            pytest.param("headers", {"Cookie": "c", "Accept": "x"}, id="mapping"),
+        ],
+    )
+    def test_extra_fields_are_redacted_like_redact(self, key: str, value: Any) -> None:
+        """Each extra field reaches the line as redact() gives it, whatever its type."""
+        line = self._capture(lambda log: log.info("m", extra={key: value}))
+        assert line[key] == json.loads(json.dumps(redact(key, value)))
+
+    def test_timestamps_within_and_across_seconds(self) -> None:
+        """The cached second never leaks into a record of another second."""
+        formatter = JsonFormatter()
+        stamps = []
+        for created in (1700000000.125, 1700000000.875, 1700000001.5, 1699999999.25):
+            record = logging.LogRecord("t", logging.INFO, "f", 1, "m", None, None)
+            record.created = created
+            record.msecs = (created - int(created)) * 1000
+            stamps.append(json.loads(formatter.format(record))["ts"])
+        assert stamps == [
+            "2023-11-14T22:13:20.125Z",
+            "2023-11-14T22:13:20.875Z",
+            "2023-11-14T22:13:21.500Z",
+            "2023-11-14T22:13:19.250Z",
+        ]
