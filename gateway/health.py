@@ -21,6 +21,7 @@ from gateway.context import REQUEST_CONTEXT
 from gateway.errors import DependencyUnavailable
 from gateway.policy.engine import PolicyEngine
 from gateway.problem import problem_response
+from gateway.workers import current_worker
 
 __all__ = ["Probe", "ReadinessChecker", "health"]
 
@@ -71,7 +72,12 @@ class ReadinessChecker:
                 extra={"checks": checks, "unavailable": failed},
             )
             return problem_response(error, request_id=request[REQUEST_CONTEXT].request_id)
-        body = orjson.dumps({"status": "ready", "checks": checks})
+        document: dict[str, object] = {"status": "ready", "checks": checks}
+        worker = current_worker()
+        if worker is not None:
+            # Which of the supervisor's processes answered (docs: multi-worker).
+            document["worker"] = worker
+        body = orjson.dumps(document)
         return web.Response(body=body, content_type="application/json")
 
 
