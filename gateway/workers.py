@@ -23,6 +23,8 @@ writes its own audit chain, ``<chain id>-w<index>``, to its own file
 (``<stem>-w<index><suffix>``) and spool: two writers cannot append to one
 hash chain, and one chain per worker keeps every chain verifiable on its own
 with ``audit verify`` (the same data directory, hence the same signing key).
+A metrics listener, when enabled, binds ``metrics.port + index - 1`` in worker
+``index``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from audit.checkpoint import load_or_create_signing_key
 from audit.setup import resolve_chain_id
@@ -94,6 +96,9 @@ def check_shareable(config: Config, workers: int) -> None:
             f"--workers {workers} needs rate limits in Redis (dependencies.redis_url): "
             "with memory storage each worker would grant the whole quota",
         )
+    metrics = _fixed_metrics_listener(config)
+    if metrics is not None and metrics.port + workers - 1 > 65535:
+        raise ConfigError("metrics.port", f"port + {workers} workers - 1 exceeds 65535")
     if config.audit.enabled and len(config.audit.chain_id) > _MAX_BASE_CHAIN_ID:
         raise ConfigError(
             "audit.chain_id",
@@ -114,6 +119,7 @@ def worker_config(config: Config, index: int) -> Config:
     directory) followed by ``-w<index>``, so a restarted worker continues its
     chain. The data directory, hence the signing key, stays shared.
     """
+    config = _metrics_port(config, index)
     audit = config.audit
     if not audit.enabled:
         return config
@@ -127,6 +133,28 @@ def worker_config(config: Config, index: int) -> Config:
             spool_path=_suffixed(audit.spool_path, index),
         ),
     )
+
+
+def _fixed_metrics_listener(config: Config) -> Any:
+    """The ``[metrics]`` section if the config has one, enabled, on a fixed port; else None."""
+    metrics: Any = getattr(config, "metrics", None)
+    if metrics is None or not getattr(metrics, "enabled", False) or not metrics.port:
+        return None
+    return metrics
+
+
+def _metrics_port(config: Config, index: int) -> Config:
+    """A metrics listener (``[metrics]``, when the config has one) on port + index - 1.
+
+    N workers cannot all bind one metrics port, and one of them answering for
+    all would be wrong: each worker gets its own port (9090, 9091, ...) and
+    Prometheus scrapes each. Port 0 (any free port) is left alone.
+    """
+    metrics = _fixed_metrics_listener(config)
+    if metrics is None:
+        return config
+    moved = dataclasses.replace(metrics, port=metrics.port + index - 1)
+    return dataclasses.replace(config, **{"metrics": moved})
 
 
 def prepare_shared_state(config: Config) -> None:

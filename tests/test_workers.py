@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from gateway.client import sign_request
-from gateway.config import ConfigError, parse_config
+from gateway.config import AuditConfig, Config, ConfigError, DependenciesConfig, parse_config
 from gateway.workers import check_shareable, prepare_shared_state, worker_config
 from tests.conftest import ROOT, TEST_SECRETS, TEST_TENANTS, OpaProcess, free_port
 from tests.problems import assert_problem
@@ -90,6 +91,47 @@ class TestWorkerConfig:
     def test_audit_off_is_left_alone(self) -> None:
         config = _config(audit={"enabled": False})
         assert worker_config(config, 2) is config
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Metrics:
+    """The shape of the ``[metrics]`` section (another branch): enabled, host, port."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9090
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _WithMetrics(Config):
+    metrics: _Metrics = dataclasses.field(default_factory=_Metrics)
+
+
+class TestMetricsListener:
+    @pytest.mark.parametrize(
+        ("metrics", "index", "port"),
+        [
+            (_Metrics(enabled=True, port=9090), 1, 9090),
+            (_Metrics(enabled=True, port=9090), 3, 9092),
+            (_Metrics(enabled=True, port=0), 3, 0),  # any free port: left alone
+            (_Metrics(enabled=False, port=9090), 3, 9090),
+        ],
+    )
+    def test_each_worker_binds_its_own_metrics_port(
+        self, metrics: _Metrics, index: int, port: int
+    ) -> None:
+        config = _WithMetrics(audit=AuditConfig(enabled=False), metrics=metrics)
+        assert getattr(worker_config(config, index), "metrics").port == port  # noqa: B009
+
+    def test_metrics_ports_must_fit(self) -> None:
+        config = _WithMetrics(
+            dependencies=DependenciesConfig(redis_url=REDIS["redis_url"]),
+            metrics=_Metrics(enabled=True, port=65535),
+        )
+        check_shareable(config, 1)
+        with pytest.raises(ConfigError) as raised:
+            check_shareable(config, 2)
+        assert raised.value.key == "metrics.port"
 
 
 def test_cli_refuses_unshareable_config(tmp_path: Path) -> None:
