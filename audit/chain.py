@@ -176,6 +176,26 @@ class AuditLog:
         """False while records cannot be made durable, or the spool cannot drain."""
         return self._writer is not None and not self._last_batch_failed and self.conflict is None
 
+    async def probe(self) -> bool:
+        """Readiness: could a record be made durable now?
+
+        A failed batch keeps :attr:`healthy` false until a batch succeeds, but
+        a node that reports itself unavailable gets no traffic, hence no
+        batch. So after a failure this asks the store (re-reading its tail)
+        without writing anything: once it answers, the node offers to serve
+        again. Still fail closed: a batch that fails again is a 503.
+        """
+        if self._writer is None or self.conflict is not None:
+            return False
+        if not self._last_batch_failed:
+            return True
+        async with self._io_lock:
+            try:
+                await self.store.open()
+            except StoreError:
+                return False
+        return True
+
     async def append(self, entry: Entry) -> Record:
         """Queue ``entry``; return its record once it is durable.
 

@@ -2,7 +2,9 @@
 
 Every field has a named default; :meth:`BusConfig.validate` names the bad
 key, like the gateway's config. ``python -m bus serve`` fills it from flags
-and ``NOPS_BUS__<KEY>`` environment variables (:func:`config_from_env`).
+and ``NOPS_BUS__<KEY>`` environment variables (:func:`config_from_env`);
+``NOPS_BUS_FILE__<KEY>=<path>`` reads a value from a file instead (a mounted
+container secret such as a Redis URL with its password).
 """
 
 from __future__ import annotations
@@ -11,11 +13,21 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["DEFAULT_BUS_CONFIG", "ENV_PREFIX", "BusConfig", "BusConfigError", "config_from_env"]
+__all__ = [
+    "DEFAULT_BUS_CONFIG",
+    "ENV_PREFIX",
+    "FILE_ENV_PREFIX",
+    "BusConfig",
+    "BusConfigError",
+    "config_from_env",
+]
 
 ENV_PREFIX: Final = "NOPS_BUS__"
+#: ``NOPS_BUS_FILE__<KEY>=<path>``: the value is the file's text (one trailing newline removed).
+FILE_ENV_PREFIX: Final = "NOPS_BUS_FILE__"
 
 
 class BusConfigError(ValueError):
@@ -90,15 +102,35 @@ def config_from_env(environ: Mapping[str, str] | None = None, **overrides: Any) 
     environ = os.environ if environ is None else environ
     fields = {f.name: f for f in dataclasses.fields(BusConfig)}
     values: dict[str, Any] = {}
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX):
+    sources: dict[str, str] = {}
+    for name, raw in sorted(environ.items()):
+        if name.startswith(ENV_PREFIX):
+            key = name[len(ENV_PREFIX) :].lower()
+        elif name.startswith(FILE_ENV_PREFIX):
+            key = name[len(FILE_ENV_PREFIX) :].lower()
+            raw = _read_file(key, name, raw)
+        else:
             continue
-        key = name[len(ENV_PREFIX) :].lower()
         if key not in fields:
             raise BusConfigError(key, f"unknown setting (from {name})")
+        if key in sources:
+            raise BusConfigError(key, f"set by both {sources[key]} and {name}")
+        sources[key] = name
         values[key] = _coerce(key, fields[key].type, raw)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return DEFAULT_BUS_CONFIG.replace(**values)
+
+
+def _read_file(key: str, name: str, path: str) -> str:
+    """The text of a secret file; the error names the file, never its content."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise BusConfigError(key, f"{name}: cannot read {path}: {reason}") from None
+    value = text.removesuffix("\n").removesuffix("\r")
+    _require(bool(value), key, f"{name}: {path} is empty")
+    return value
 
 
 def _coerce(key: str, annotation: object, raw: str) -> Any:

@@ -12,6 +12,8 @@ Answers (including "no such agent") are reused for ``cache_ttl_s``; one
 lookup per key is in flight at a time, shared by every request waiting on
 it. While the registry is unreachable, a cached answer keeps serving for
 ``stale_if_error_s`` more; past that, lookups fail and the route answers 503.
+From a failed lookup until the next one that succeeds the directory is
+``degraded`` (``/_readyz`` reports it).
 Every endpoint URL is checked again here (http/https, a host, no
 credentials, query or fragment); a record that fails is dropped.
 
@@ -81,6 +83,11 @@ class AgentDirectory(Protocol):
 
     async def healthy(self, tenant: str, capability: str) -> tuple[AgentEndpoint, ...]: ...
 
+    @property
+    def degraded(self) -> bool:
+        """True while the registry fails and answers come from the cache (or not at all)."""
+        ...
+
 
 def parse_endpoint(item: object) -> AgentEndpoint | None:
     """An agent record from the registry, or None if it is not one we would call."""
@@ -135,6 +142,11 @@ class HttpAgentDirectory:
         self._max = max_entries
         self._cache: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
         self._inflight: dict[Hashable, asyncio.Task[Any]] = {}
+        self._degraded = False
+
+    @property
+    def degraded(self) -> bool:
+        return self._degraded
 
     async def agent(self, tenant: str, agent_id: str) -> AgentEndpoint | None:
         return await self._cached(
@@ -160,6 +172,9 @@ class HttpAgentDirectory:
         try:
             loaded: _T = await asyncio.shield(task)
         except RegistryUnavailable as exc:
+            if not self._degraded:
+                self._degraded = True
+                _log.warning("agent registry failing", extra={"reason": exc.reason})
             if entry is not None and now - entry[0] < self._ttl + self._stale:
                 _log.warning(
                     "registry unavailable; serving a cached answer",
@@ -177,6 +192,9 @@ class HttpAgentDirectory:
 
     async def _load(self, key: Hashable, fetch: Callable[[], Awaitable[_T]]) -> _T:
         value = await fetch()
+        if self._degraded:
+            self._degraded = False
+            _log.info("agent registry answers again")
         self._cache[key] = (self._clock(), value)
         self._cache.move_to_end(key)
         while len(self._cache) > self._max:

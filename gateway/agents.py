@@ -193,6 +193,11 @@ class AgentRouter:
     def breakers(self) -> CircuitBreakers:
         return self._breakers
 
+    @property
+    def registry_degraded(self) -> bool:
+        """True while the registry fails (answers from the cache, or 503)."""
+        return self._directory.degraded
+
     async def close(self) -> None:
         if self._owned_session is not None:
             await self._owned_session.close()

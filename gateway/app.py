@@ -24,16 +24,27 @@ from gateway.admin import register_admin_routes
 from gateway.auditing import AuditRecorder, audit_recorder
 from gateway.config import Config, PolicyConfig
 from gateway.context import REQUEST_CONTEXT
-from gateway.health import ReadinessChecker, health
+from gateway.health import CheckState, ReadinessChecker, fallback_probe, health
 from gateway.metrics import Metrics
 from gateway.middleware import ON_OUTCOME, edge_middleware, set_security_headers
 from gateway.pipeline import Pipeline, PipelineDeps, build_pipeline
+from gateway.pipeline.ratelimit import Ratelimit
+from gateway.pipeline.route import Route
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.stack import POLICY_STACK, open_policy_stack
 from gateway.policy.supervisor import LocalBundle, LocalOpa
 from gateway.proxy import ReverseProxy
 
-__all__ = ["AUDIT", "CONFIG", "ENGINE", "METRICS", "PIPELINE", "REDIS", "create_app"]
+__all__ = [
+    "AUDIT",
+    "CONFIG",
+    "ENGINE",
+    "LOCAL_OPA",
+    "METRICS",
+    "PIPELINE",
+    "REDIS",
+    "create_app",
+]
 
 _log = logging.getLogger("gateway.app")
 
@@ -45,6 +56,8 @@ METRICS: Final = web.AppKey("metrics", Metrics)
 REDIS: Final[web.AppKey[Redis | None]] = web.AppKey("redis")
 #: The audit recorder, or None when audit.enabled is false.
 AUDIT: Final[web.AppKey[AuditRecorder | None]] = web.AppKey("audit")
+#: The OPA the gateway supervises, or None when policy.url names one.
+LOCAL_OPA: Final[web.AppKey[LocalOpa | None]] = web.AppKey("local_opa")
 _HTTP: Final = web.AppKey("http_session", aiohttp.ClientSession)
 #: The gateway's own outbound calls (JWKS): no cookies, apart from the proxy's pool.
 _OUTBOUND: Final = web.AppKey("outbound_session", aiohttp.ClientSession)
@@ -106,6 +119,7 @@ async def _policy_engine(app: web.Application) -> AsyncIterator[None]:
         )
         await local.start()
         url = local.url
+    app[LOCAL_OPA] = local
     try:
         async with open_policy_stack(config.policy, url, app[METRICS]) as stack:
             app[POLICY_STACK] = stack
@@ -166,11 +180,14 @@ async def _audit(app: web.Application) -> AsyncIterator[None]:
         app[ON_OUTCOME] = recorder.record_outcome
         log = recorder.log
 
-        async def audit_ok() -> bool:
-            return log.healthy
+        async def audit_state() -> CheckState:
+            if not await log.probe():
+                return CheckState.UNHEALTHY
+            return CheckState.DEGRADED if log.spooling else CheckState.OK
 
-        # Not ready while decisions cannot be recorded (store and spool failing).
-        app[_READINESS].probes["audit"] = audit_ok
+        # Unavailable while decisions cannot be recorded (store and spool
+        # failing); degraded while they wait in the spool.
+        app[_READINESS].add("audit", audit_state, critical=True)
         yield
 
 
@@ -181,7 +198,7 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
         max_body_bytes=config.server.max_body_bytes,
         trusted_proxies=frozenset(config.server.trusted_proxies),
     )
-    app[PIPELINE] = build_pipeline(
+    pipeline = app[PIPELINE] = build_pipeline(
         PipelineDeps(
             config=config,
             engine=app[ENGINE],
@@ -193,10 +210,27 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
             audit=app[AUDIT],
         )
     )
+    _add_fallback_checks(app[_READINESS], pipeline)
     try:
         yield
     finally:
         await app[PIPELINE].close()
+
+
+def _add_fallback_checks(readiness: ReadinessChecker, pipeline: Pipeline) -> None:
+    """Readiness checks for the stages that keep serving on a fallback."""
+    ratelimit = next((s for s in pipeline.stages if isinstance(s, Ratelimit)), None)
+    if ratelimit is not None and ratelimit.enabled and ratelimit.limiter.shared is not None:
+        limiter = ratelimit.limiter
+        readiness.add("ratelimit", fallback_probe(lambda: limiter.degraded), critical=False)
+    route = next((s for s in pipeline.stages if isinstance(s, Route)), None)
+    if route is not None and route.agents:
+        routers = tuple(route.agents.values())
+        readiness.add(
+            "registry",
+            fallback_probe(lambda: any(r.registry_degraded for r in routers)),
+            critical=False,
+        )
 
 
 def _bundle(policy: PolicyConfig) -> LocalBundle | None:

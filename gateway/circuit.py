@@ -78,6 +78,13 @@ class CircuitBreaker:
         return self._state
 
     @property
+    def retry_in(self) -> float:
+        """Seconds until an open circuit lets a trial through; 0 unless open."""
+        if self.state is not CircuitState.OPEN:
+            return 0.0
+        return max(self._open_s - (self._clock() - self._opened_at), 0.0)
+
+    @property
     def failures(self) -> int:
         """Consecutive failures counted while closed."""
         return self._failures

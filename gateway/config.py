@@ -19,6 +19,12 @@ underscores between levels), for example ``NOPS_GATEWAY__SERVER__PORT=9000``
 or ``NOPS_GATEWAY__POLICY__URL=http://opa:8181``. Values are parsed as TOML
 scalars when they look like one (``9000``, ``true``, ``1.5``) and taken as
 strings otherwise. Array-of-table keys (``routes``) cannot be overridden.
+
+A value that is itself a secret (a DSN or URL with a password) can come from a
+file instead, as container secrets are mounted:
+``NOPS_GATEWAY_FILE__DEPENDENCIES__POSTGRES_DSN=/run/secrets/postgres_dsn``
+sets ``dependencies.postgres_dsn`` to the file's text (one trailing newline
+removed), always as a string. Setting both forms of one key is an error.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ __all__ = [
     "DEFAULT_CONFIG",
     "DEFAULT_REQUIRED_COMPONENTS",
     "ENV_PREFIX",
+    "FILE_ENV_PREFIX",
     "HMAC_ALGORITHMS",
     "AdminConfig",
     "AdminKeyConfig",
@@ -79,6 +86,8 @@ __all__ = [
 
 CONFIG_VERSION: Final = 1
 ENV_PREFIX: Final = "NOPS_GATEWAY__"
+#: ``NOPS_GATEWAY_FILE__<SECTION>__<KEY>=<path>``: the value is read from the file.
+FILE_ENV_PREFIX: Final = "NOPS_GATEWAY_FILE__"
 
 _ROUTE_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
 _CHAIN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -510,6 +519,14 @@ class RouteConfig:
     #: Pass the caller's Authorization header upstream. Off: a credential the
     #: gateway verified is removed, and the upstream gets X-Nops-* identity.
     forward_authorization: bool = False
+    #: kind = "upstream": consecutive failures (connect errors, timeouts,
+    #: 502/503/504) that open the route's circuit; while open, requests are
+    #: refused without a call (503 circuit-open) for ``circuit_open_s``, then
+    #: ``circuit_half_open_max`` trials decide. Agent routes set theirs under
+    #: ``agent``, egress under ``[egress]``.
+    circuit_failures: int = 5
+    circuit_open_s: float = 5.0
+    circuit_half_open_max: int = 1
 
     def validate(self, key: str) -> None:
         _require(
@@ -550,6 +567,9 @@ class RouteConfig:
             _require(self.agent is None, f"{key}.agent", 'is only for kind = "agent" routes')
         _require(self.timeout_s > 0, f"{key}.timeout_s", "must be > 0")
         _require(self.connect_timeout_s > 0, f"{key}.connect_timeout_s", "must be > 0")
+        _require(self.circuit_failures >= 1, f"{key}.circuit_failures", "must be >= 1")
+        _require(self.circuit_open_s > 0, f"{key}.circuit_open_s", "must be > 0")
+        _require(self.circuit_half_open_max >= 1, f"{key}.circuit_half_open_max", "must be >= 1")
         for index, scope in enumerate(self.scopes):
             _require(_SCOPE.fullmatch(scope) is not None, f"{key}.scopes[{index}]", "not a scope")
         _require(
@@ -1007,20 +1027,43 @@ def parse_config(table: Mapping[str, Any]) -> Config:
 
 
 def _apply_env(table: dict[str, Any], environ: Mapping[str, str]) -> None:
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX):
+    seen: dict[str, str] = {}
+    for name, raw in sorted(environ.items()):
+        if name.startswith(ENV_PREFIX):
+            parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        elif name.startswith(FILE_ENV_PREFIX):
+            parts = [p.lower() for p in name[len(FILE_ENV_PREFIX) :].split("__")]
+        else:
             continue
-        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         key = ".".join(parts)
         if not all(parts):
             raise ConfigError(key, f"malformed environment override {name}")
+        if key in seen:
+            raise ConfigError(key, f"set by both {seen[key]} and {name}")
+        seen[key] = name
+        if name.startswith(FILE_ENV_PREFIX):
+            value: Any = _secret_file_value(raw, key, name)
+        else:
+            value = _env_value(raw)
         node = table
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 raise ConfigError(key, f"{name} overrides a value that is not a table")
             node = child
-        node[parts[-1]] = _env_value(raw)
+        node[parts[-1]] = value
+
+
+def _secret_file_value(path: str, key: str, name: str) -> str:
+    """The text of the file ``name`` points at: a secret, never echoed in an error."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(key, f"{name}: cannot read {path}: {reason}") from None
+    value = text.removesuffix("\n").removesuffix("\r")
+    _require(bool(value), key, f"{name}: {path} is empty")
+    return value
 
 
 def _env_value(raw: str) -> Any:

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from gateway.config import RouteConfig
     from gateway.egress_route import EgressTarget
     from gateway.policy.engine import Decision
+    from gateway.ratelimits import TakeResult
 
 __all__ = ["REQUEST_CONTEXT", "RequestContext", "Subject", "Tenant"]
 
@@ -44,6 +45,9 @@ class RequestContext:
     route: RouteConfig | None = None
     tenant: Tenant | None = None
     subject: Subject = field(default_factory=Subject)
+    #: The quotas taken in the freshness stage's one Redis call with the nonce
+    #: claim; the ratelimit stage then applies this instead of taking again.
+    quotas_taken: TakeResult | None = None
     #: Signature parameters once the signature stage verified them.
     signature: dict[str, Any] = field(default_factory=dict)
     #: The request body when a stage had to read it whole (to check its

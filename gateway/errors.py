@@ -29,6 +29,7 @@ turned into RFC 9457 problem+json only at the HTTP edge
      ├── DependencyUnavailable     503 dependency-unavailable
      ├── AgentUnavailable          503 agent-unavailable    (carries reasons)
      ├── AuditUnavailable          503 audit-unavailable    (no durable record: not forwarded)
+     ├── CircuitOpen               503 circuit-open         (upstream failing: not tried)
      ├── UpstreamUnavailable       502 upstream-unavailable
      ├── UpstreamTimeout           504 upstream-timeout
      └── InternalError             500 internal-error
@@ -49,6 +50,7 @@ __all__ = [
     "AgentUnavailable",
     "AuditUnavailable",
     "BadSignature",
+    "CircuitOpen",
     "DependencyUnavailable",
     "EgressDenied",
     "GatewayError",
@@ -246,6 +248,14 @@ class AuditUnavailable(GatewayError):
     code = "audit-unavailable"
     status = 503
     title = "Audit log unavailable"
+
+
+class CircuitOpen(GatewayError):
+    """The route's circuit breaker is open: the upstream was not tried (Retry-After)."""
+
+    code = "circuit-open"
+    status = 503
+    title = "Upstream circuit open"
 
 
 class UpstreamUnavailable(GatewayError):

@@ -117,6 +117,9 @@ def edge_middleware(
                 error = InternalError("the gateway failed to handle this request")
             if error is not None:
                 error = await _report_outcome(request, ctx, error)
+                if ctx.decision is not None:
+                    # A failure after the decision (upstream, circuit) names it too.
+                    error.extra.setdefault("decision_id", ctx.decision.decision_id)
                 response = problem_response(error, request_id=request_id)
             status = response.status
             return response

@@ -16,6 +16,7 @@ its digest) is sent as those bytes. Connection failures are 502, timeouts 504.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import Final
@@ -105,7 +106,7 @@ class ReverseProxy:
     async def forward(self, ctx: RequestContext, route: RouteConfig) -> web.StreamResponse:
         request = ctx.request
         url = _target_url(route, request)
-        timeout = aiohttp.ClientTimeout(total=route.timeout_s, connect=route.connect_timeout_s)
+        timeout = _timeout(route.timeout_s, route.connect_timeout_s)
         body: _CappedBody | None = None
         data: bytes | AsyncIterator[bytes] | None = None
         if ctx.body is not None:
@@ -210,9 +211,21 @@ def _target_url(route: RouteConfig, request: web.Request) -> yarl.URL:
     raw_path, _, query = request.raw_path.partition("?")
     if route.strip_prefix:
         raw_path = "/" + raw_path[len(route.prefix) :]
-    base = yarl.URL(route.upstream)
-    target = str(base.origin()) + base.raw_path.rstrip("/") + raw_path
+    target = _upstream_base(route.upstream) + raw_path
     return yarl.URL(target + ("?" + query if query else ""), encoded=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _upstream_base(upstream: str) -> str:
+    """A route's upstream as origin + path without the trailing slash (parsed once)."""
+    base = yarl.URL(upstream)
+    return str(base.origin()) + base.raw_path.rstrip("/")
+
+
+@functools.lru_cache(maxsize=256)
+def _timeout(total: float, connect: float) -> aiohttp.ClientTimeout:
+    """The (immutable) client timeout of a route, built once."""
+    return aiohttp.ClientTimeout(total=total, connect=connect)
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:

@@ -1,23 +1,22 @@
 """Quotas for the ``ratelimit`` stage: ``limits`` strategies over Redis or memory.
 
 A request takes one unit from each of its quotas (tenant, agent, route, or
-per-IP for anonymous traffic) through :class:`QuotaLimiter.take`, which works
-in two passes:
+per-IP for anonymous traffic) through :class:`QuotaLimiter.take`: it *peeks*
+at every quota's window, and the first one in order with nothing left
+refuses the request; only when none refuses does it *take* one unit from
+each. A refused request consumes nothing, so an agent that floods past its
+own limit cannot use up its tenant's quota and starve the tenant's other
+agents, and a client hammering while limited does not push its own recovery
+further out (ADR 0006). The peek is the read the ``RateLimit`` header fields
+need anyway.
 
-1. *peek*: read every quota's window; the first one in order with nothing
-   left refuses the request. A refused request consumes nothing, so an agent
-   that floods past its own limit cannot use up its tenant's quota and starve
-   the tenant's other agents, and a client hammering while limited does not
-   push its own recovery further out.
-2. *take*: ``hit`` every quota. Between the peek and the hit a concurrent
-   request may take the last unit; that hit then fails and the request is
-   refused, and only in that race do the units taken from its other quotas
-   stay consumed (``limits`` has no atomic multi-key take and no refund).
-
-The peek is not an extra cost: it is the read that the ``RateLimit`` header
-fields need anyway. Over Redis the quotas of each pass are sent at once, so
-a request waits two round trips whatever its number of quotas; in memory
-they run one after another (no task overhead).
+Over Redis the peek and the take are one Lua script
+(:mod:`gateway.admission`): one round trip whatever the number of quotas,
+atomic, and able to claim the request's nonce in the same call
+(:meth:`QuotaLimiter.admit`, used by the freshness stage). In memory they
+are the ``limits`` strategies, one call after another; between the peek and
+the take nothing else runs on the event loop unless a storage call yields,
+and a lost race only refuses the request.
 
 With Redis, every node shares the windows. When Redis fails (any storage
 error, including a timeout) the limiter answers from a per-node memory
@@ -33,34 +32,40 @@ wall clock itself, and the seconds reported to clients must agree with it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
-from typing import Final, TypeVar
+from typing import Final
 
 from limits import RateLimitItem
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import STRATEGIES, RateLimiter
 from limits.errors import StorageError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from gateway.admission import Admitted, RedisAdmission, Strategy
 from gateway.config import RateLimitConfig
 from gateway.metrics import Metrics
 
-__all__ = ["KEY_PREFIX", "Quota", "QuotaLimiter", "QuotaState", "TakeResult"]
+__all__ = [
+    "KEY_PREFIX",
+    "STORAGE_ERRORS",
+    "Quota",
+    "QuotaLimiter",
+    "QuotaState",
+    "TakeResult",
+    "admitted_result",
+]
 
 _log = logging.getLogger("gateway.ratelimit")
 
 #: Prefix of every rate-limit key in Redis (followed by the strategy name).
 KEY_PREFIX: Final = "nops:rl"
 # A failing Redis surfaces as any of these, depending on where it failed.
-_STORAGE_ERRORS: Final = (StorageError, RedisError, OSError, TimeoutError)
-_T = TypeVar("_T")
+STORAGE_ERRORS: Final = (StorageError, RedisError, OSError, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,15 +106,16 @@ class QuotaLimiter:
 
     def __init__(
         self,
-        strategy: Callable[[Storage], RateLimiter],
-        shared: Storage | None,
+        strategy: Strategy,
+        shared: RedisAdmission | None,
         *,
         metrics: Metrics,
         retry_s: float = 5.0,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._shared = strategy(shared) if shared is not None else None
-        self._local = strategy(MemoryStorage())
+        self.shared = shared
+        local: Callable[[MemoryStorage], RateLimiter] = STRATEGIES[strategy]
+        self._local = local(MemoryStorage())
         self._metrics = metrics
         self._retry_s = retry_s
         self._monotonic = monotonic
@@ -121,44 +127,42 @@ class QuotaLimiter:
         cls, config: RateLimitConfig, *, redis: Redis | None, metrics: Metrics
     ) -> QuotaLimiter:
         """The limiter for ``config``; ``redis`` is the app's client, or None without Redis."""
-        shared: Storage | None = None
+        shared: RedisAdmission | None = None
         if config.storage == "redis" and redis is None:
             raise RuntimeError("ratelimit.storage is 'redis' but no Redis client is configured")
         if config.storage != "memory" and redis is not None:
-            # Reuses the app's connection pool (and its timeouts); the URI only
-            # tells limits which client library to drive. limits documents
-            # ``connection_pool`` but types its options as scalars.
-            shared = RedisStorage(
-                "async+redis://",
-                wrap_exceptions=True,
-                implementation="redispy",
-                # Strategies keep different data types under a key: a rolling
-                # change of strategy must not meet the old one's keys.
-                key_prefix=f"{KEY_PREFIX}:{config.strategy}",
-                connection_pool=redis.connection_pool,  # type: ignore[arg-type]
+            # Strategies keep different data types under a key: a rolling
+            # change of strategy must not meet the old one's keys.
+            shared = RedisAdmission(
+                redis, strategy=config.strategy, key_prefix=f"{KEY_PREFIX}:{config.strategy}"
             )
-        return cls(
-            STRATEGIES[config.strategy],
-            shared,
-            metrics=metrics,
-            retry_s=config.fallback_retry_s,
+        return cls(config.strategy, shared, metrics=metrics, retry_s=config.fallback_retry_s)
+
+    @property
+    def uses_shared(self) -> bool:
+        """True when the next take should go to Redis (not degraded, or time to retry)."""
+        return self.shared is not None and (
+            not self.degraded or self._monotonic() >= self._retry_at
         )
 
     async def take(self, quotas: Sequence[Quota]) -> TakeResult:
         """Peek at every quota in order, then take one unit from each (see module doc)."""
         if not quotas:
             return TakeResult()
-        limiter = self._shared
-        if limiter is None or (self.degraded and self._monotonic() < self._retry_at):
-            return await _take(self._local, quotas, concurrent=False)
+        if self.shared is None or not self.uses_shared:
+            return await _take_local(self._local, quotas)
         try:
-            result = await _take(limiter, quotas, concurrent=True)
-        except _STORAGE_ERRORS as exc:
+            admitted = await self.shared.admit([(q.item, q.identifiers) for q in quotas])
+        except STORAGE_ERRORS as exc:
             self._fail(exc)
-            return await _take(self._local, quotas, concurrent=False)
+            return await _take_local(self._local, quotas)
+        self.shared_answered()
+        return admitted_result(quotas, admitted)
+
+    def shared_answered(self) -> None:
+        """Redis answered a take (here or in the freshness stage's combined call)."""
         if self.degraded:
             self._recover()
-        return result
 
     def _fail(self, exc: BaseException) -> None:
         self._metrics.ratelimit_storage_errors += 1
@@ -176,10 +180,24 @@ class QuotaLimiter:
         _log.info("rate-limit storage is back: limits are shared again")
 
 
-async def _take(limiter: RateLimiter, quotas: Sequence[Quota], *, concurrent: bool) -> TakeResult:
-    windows = await _each(
-        concurrent, [partial(limiter.get_window_stats, q.item, *q.identifiers) for q in quotas]
+def admitted_result(quotas: Sequence[Quota], admitted: Admitted) -> TakeResult:
+    """The :class:`TakeResult` of a script run that claimed its nonce (if it had one)."""
+    now = time.time()
+    peeked = [
+        (quota, stats.remaining, stats.reset_time - now)
+        for quota, stats in zip(quotas, admitted.windows, strict=False)
+    ]
+    if admitted.refused is None:
+        return TakeResult(_passed(peeked, taken=True))
+    quota, _, reset_in = peeked[admitted.refused]
+    return TakeResult(
+        (*_passed(peeked[: admitted.refused], taken=False), _refused(quota, reset_in)), quota
     )
+
+
+async def _take_local(limiter: RateLimiter, quotas: Sequence[Quota]) -> TakeResult:
+    windows = [await limiter.get_window_stats(q.item, *q.identifiers) for q in quotas]
+    # After the reads: an empty window's reset time is "now" as the strategy saw it.
     now = time.time()
     peeked: list[tuple[Quota, int, float]] = []
     for quota, stats in zip(quotas, windows, strict=True):
@@ -188,21 +206,13 @@ async def _take(limiter: RateLimiter, quotas: Sequence[Quota], *, concurrent: bo
             states = (*_passed(peeked, taken=False), _refused(quota, reset_in))
             return TakeResult(states, quota)
         peeked.append((quota, stats.remaining, reset_in))
-    hits = await _each(concurrent, [partial(limiter.hit, q.item, *q.identifiers) for q in quotas])
-    for index, hit in enumerate(hits):
-        if not hit:
+    for index, quota in enumerate(quotas):
+        if not await limiter.hit(quota.item, *quota.identifiers):
             # Lost a race for the last unit since the peek.
             quota, _, reset_in = peeked[index]
             states = (*_passed(peeked[:index], taken=True), _refused(quota, reset_in))
             return TakeResult(states, quota)
     return TakeResult(_passed(peeked, taken=True))
-
-
-async def _each(concurrent: bool, calls: Sequence[Callable[[], Awaitable[_T]]]) -> list[_T]:
-    """Run ``calls`` one after another, or at once (one round trip of latency over Redis)."""
-    if concurrent and len(calls) > 1:
-        return list(await asyncio.gather(*(call() for call in calls)))
-    return [await call() for call in calls]
 
 
 def _passed(peeked: Sequence[tuple[Quota, int, float]], *, taken: bool) -> tuple[QuotaState, ...]:
@@ -211,7 +221,7 @@ def _passed(peeked: Sequence[tuple[Quota, int, float]], *, taken: bool) -> tuple
         window = quota.item.get_expiry()
         # An empty window (nothing to reset yet) starts with this request.
         reset = min(math.ceil(reset_in), window) if reset_in > 0 else window
-        left = remaining - 1 if taken else remaining
+        left = max(remaining - 1, 0) if taken else remaining
         states.append(QuotaState(quota.policy, quota.item.amount, window, left, reset))
     return tuple(states)
 

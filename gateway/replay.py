@@ -9,8 +9,10 @@ Two implementations of one small interface:
   (:class:`ReplayStoreFull`) rather than forgetting a live one, because
   forgetting would let that nonce be replayed. Only callers whose signature
   verified reach it, and they are rate limited.
-- :class:`RedisNonceStore` for a cluster: ``SET key 1 NX EX ttl``, atomic on
+- :class:`RedisNonceStore` for a cluster: ``SET key 1 NX PX ttl``, atomic on
   the Redis server, so replicas sharing one Redis agree on the one winner.
+  (With the rate limits in the same Redis the freshness stage claims through
+  :mod:`gateway.admission` instead, the same SET inside one script.)
   Any Redis failure is :class:`ReplayStoreUnavailable`; the caller fails
   closed.
 """
@@ -103,7 +105,7 @@ class RedisNonceStore:
 
     async def claim(self, key: str, ttl_s: int) -> bool:
         try:
-            created = await self._redis.set(key, b"1", nx=True, ex=max(ttl_s, 1))
+            created = await self._redis.set(key, b"1", nx=True, px=max(ttl_s, 1) * 1000)
         except (RedisError, OSError, TimeoutError) as exc:
             raise ReplayStoreUnavailable(type(exc).__name__) from None
         return bool(created)

@@ -22,15 +22,26 @@ A token is checked in this order, and the first failure is its reason:
 Reason codes are stable: they reach problem+json bodies and metrics labels.
 Nothing here logs; :class:`TokenRejected` carries only the reason, the
 configured issuer and the ``kid``, never the token.
+
+Verified tokens are cached (:class:`VerifiedCache`), keyed by the SHA-256 of
+the token, so an agent that sends the same bearer token with every request
+pays for the signature check once. An entry holds until the token's ``exp``
+(plus leeway) or ``cache_ttl_s`` after it was verified, whichever comes
+first; the cache is bounded (least recently used entries go first). A hit
+re-checks the times (step 6) against the clock, and looks the key up again
+(step 4): a key no longer in the issuer's JWKS, or replaced by a refresh,
+sends the token through the full check again. Only successes are cached.
 """
 
 from __future__ import annotations
 
 import binascii
+import hashlib
 import json
 import math
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,10 +71,13 @@ from gateway.config import (
 from gateway.jwks import FileJwksFetcher, HttpJwksFetcher, JwksCache, JwksFetcher
 
 __all__ = [
+    "CACHE_MAX_ENTRIES",
+    "CACHE_TTL_S",
     "MAX_TOKEN_CHARS",
     "TokenRejected",
     "TokenValidator",
     "TrustedIssuer",
+    "VerifiedCache",
     "VerifiedToken",
     "build_validator",
 ]
@@ -76,6 +90,11 @@ _COMPACT_JWS: Final = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]
 _KEY_IN_HEADER: Final = frozenset({"jku", "x5u", "x5c", "jwk"})
 _MAX_KID_CHARS: Final = 256
 _HMAC_MIN_BYTES: Final = {"HS256": 32, "HS384": 48, "HS512": 64}
+#: A verified token is trusted from the cache for at most this long.
+CACHE_TTL_S: Final = 300.0
+#: Verified tokens kept at most (least recently used go first).
+CACHE_MAX_ENTRIES: Final = 10_000
+_ALLOWED_ALGORITHMS: Final = ASYMMETRIC_ALGORITHMS | HMAC_ALGORITHMS
 
 
 class TokenRejected(Exception):
@@ -128,6 +147,50 @@ class TrustedIssuer:
         return key
 
 
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    token: VerifiedToken
+    alg: str
+    #: The exact key object the signature verified with (rotation check).
+    key: PyJWK | bytes
+    #: exp / nbf / iat, re-checked against the clock on every hit.
+    times: Mapping[str, Any]
+    until: float
+
+
+class VerifiedCache:
+    """Verified tokens by the SHA-256 of the token, bounded, least recently used first out."""
+
+    def __init__(self, *, max_entries: int, ttl_s: float) -> None:
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self._entries: OrderedDict[bytes, _Cached] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, digest: bytes, now: float) -> _Cached | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        if now >= entry.until:
+            del self._entries[digest]
+            return None
+        self._entries.move_to_end(digest)
+        return entry
+
+    def put(self, digest: bytes, entry: _Cached) -> None:
+        if self.max_entries <= 0:
+            return
+        self._entries[digest] = entry
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def discard(self, digest: bytes) -> None:
+        self._entries.pop(digest, None)
+
+
 class TokenValidator:
     """Validates bearer JWTs against the configured issuers."""
 
@@ -137,10 +200,13 @@ class TokenValidator:
         *,
         leeway_s: float,
         clock: Callable[[], float],
+        cache_ttl_s: float = CACHE_TTL_S,
+        cache_max_entries: int = CACHE_MAX_ENTRIES,
     ) -> None:
         self._issuers = {issuer.config.issuer: issuer for issuer in issuers}
         self._leeway = leeway_s
         self._clock = clock
+        self.cache = VerifiedCache(max_entries=cache_max_entries, ttl_s=cache_ttl_s)
 
     @property
     def issuers(self) -> Mapping[str, TrustedIssuer]:
@@ -148,7 +214,30 @@ class TokenValidator:
 
     async def validate(self, token: str) -> VerifiedToken:
         """The verified identity in ``token``; raises :class:`TokenRejected`."""
-        if len(token) > MAX_TOKEN_CHARS or not _COMPACT_JWS.fullmatch(token):
+        if len(token) > MAX_TOKEN_CHARS:
+            raise TokenRejected("token_malformed")
+        digest = hashlib.sha256(token.encode()).digest()
+        cached = self.cache.get(digest, self._clock())
+        if cached is not None:
+            verified = cached.token
+            issuer = self._issuers[verified.issuer]
+            try:
+                # SECURITY: the key is looked up again; a rotated-out kid fails
+                # here, and a replaced key sends the token through the full check.
+                key = await issuer.key(cached.alg, verified.kid)
+                if key is cached.key:
+                    self._check_times(cached.times, verified.issuer, verified.kid)
+                    return verified
+            except TokenRejected:
+                self.cache.discard(digest)
+                raise
+            self.cache.discard(digest)
+        verified, entry = await self._verify_token(token)
+        self.cache.put(digest, entry)
+        return verified
+
+    async def _verify_token(self, token: str) -> tuple[VerifiedToken, _Cached]:
+        if not _COMPACT_JWS.fullmatch(token):
             raise TokenRejected("token_malformed")
         header_segment, payload_segment, _ = token.split(".")
         header = _json_object(header_segment)
@@ -162,7 +251,7 @@ class TokenValidator:
         alg = header.get("alg")
         if not isinstance(alg, str):
             raise TokenRejected("token_malformed", kid=kid)
-        if alg not in ASYMMETRIC_ALGORITHMS | HMAC_ALGORITHMS:  # "none" included
+        if alg not in _ALLOWED_ALGORITHMS:  # "none" included
             raise TokenRejected("alg_not_allowed", kid=kid)
         unverified = _json_object(payload_segment)
         iss = unverified.get("iss")
@@ -177,7 +266,11 @@ class TokenValidator:
         key = await issuer.key(alg, kid)
         claims = _verify(token, key, alg, config, kid)
         self._check_times(claims, config.issuer, kid)
-        return _identity(claims, config, kid)
+        verified = _identity(claims, config, kid)
+        times: dict[str, Any] = {n: claims[n] for n in ("exp", "nbf", "iat") if n in claims}
+        # exp passed _check_times: a finite number.
+        until = min(float(claims["exp"]) + self._leeway, self._clock() + self.cache.ttl_s)
+        return verified, _Cached(verified, alg, key, times, until)
 
     async def close(self) -> None:
         for issuer in self._issuers.values():

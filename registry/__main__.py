@@ -7,7 +7,9 @@
     python -m registry migrate down N      # roll back the last N
     python -m registry migrate status
 
-The DSN comes from ``--dsn`` or ``NOPS_REGISTRY_DSN``. The admin key (for
+The DSN comes from ``--dsn`` or ``NOPS_REGISTRY_DSN``, or from a file (a
+mounted container secret) named by ``--dsn-file`` or ``NOPS_REGISTRY_DSN_FILE``;
+naming both is an error. The admin key (for
 ``GET /admin/agents``) is read from the environment variable named by
 ``--admin-key-env`` or the file named by ``--admin-key-file``; only its
 SHA-256 is kept. Logs are one JSON object per line on stderr.
@@ -39,6 +41,7 @@ from registry.status import StatusPolicy
 __all__ = ["main"]
 
 DSN_ENV: Final = "NOPS_REGISTRY_DSN"
+DSN_FILE_ENV: Final = "NOPS_REGISTRY_DSN_FILE"
 _STANDARD: Final = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
@@ -67,6 +70,11 @@ def _setup_logging(level: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dsn", default=os.environ.get(DSN_ENV, ""), help=f"or ${DSN_ENV}")
+    common.add_argument(
+        "--dsn-file",
+        default=os.environ.get(DSN_FILE_ENV, ""),
+        help=f"file holding the DSN, or ${DSN_FILE_ENV}",
+    )
     common.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"))
     parser = argparse.ArgumentParser(prog="python -m registry", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -148,9 +156,31 @@ async def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_dsn_file(path: str) -> str:
+    """The DSN held in ``path``; errors name the file, never its content."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ValueError(f"cannot read the DSN file {path}: {reason}") from None
+    dsn = text.removesuffix("\n").removesuffix("\r")
+    if not dsn:
+        raise ValueError(f"the DSN file {path} is empty")
+    return dsn
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.log_level)
+    if args.dsn and args.dsn_file:
+        print("registry: give the DSN or a DSN file, not both", file=sys.stderr)
+        return 2
+    if args.dsn_file:
+        try:
+            args.dsn = _read_dsn_file(args.dsn_file)
+        except ValueError as exc:
+            print(f"registry: {exc}", file=sys.stderr)
+            return 2
     if not args.dsn:
         print(f"registry: no database: pass --dsn or set {DSN_ENV}", file=sys.stderr)
         return 2

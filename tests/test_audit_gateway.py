@@ -312,6 +312,44 @@ class TestUnrecordable:
         assert report.intact, report.damage
         assert report.last_seq == 2
 
+    async def test_readiness_recovers_without_traffic(
+        self,
+        make_gateway: GatewayFactory,
+        upstream_seen: Upstream,
+        postgres_server: PostgresService,
+        tmp_path: Path,
+    ) -> None:
+        """Unavailable after a failed batch; once the store answers, ready with no request sent.
+
+        A node out of the load balancer gets no traffic: readiness must not wait
+        for a batch to succeed to report that one could.
+        """
+        blocker = tmp_path / "not-a-directory"
+        blocker.write_text("no spool below a regular file")
+        client = await _gateway(
+            make_gateway,
+            upstream_seen,
+            audit={
+                "store": "postgres",
+                "dsn": postgres_server.dsn,
+                "chain_id": f"e2e-{uuid.uuid4().hex[:8]}",
+                "spool_path": str(blocker / "spool.jsonl"),
+            },
+            dependencies={"probe_timeout_s": 2.0},
+        )
+        await asyncio.to_thread(postgres_server.stop)
+        try:
+            await assert_problem(await client.get("/echo/x"), 503, "audit-unavailable")
+            down = await client.get("/_readyz")
+            body = await assert_problem(down, 503, "dependency-unavailable")
+            assert (body["readiness"], body["unavailable"]) == ("unavailable", ["audit"])
+        finally:
+            await asyncio.to_thread(postgres_server.start)
+        ready = await client.get("/_readyz")
+        assert ready.status == 200
+        assert (await ready.json())["checks"]["audit"] == "ok"
+        assert upstream_seen.seen == []
+
 
 class TestConfig:
     @pytest.mark.parametrize(

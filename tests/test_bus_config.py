@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +67,36 @@ class TestFromEnv:
         with pytest.raises(BusConfigError) as caught:
             config_from_env(environ)
         assert caught.value.key == key
+
+    def test_file_variables_read_the_value_from_a_file(self, tmp_path: Path) -> None:
+        """NOPS_BUS_FILE__REDIS_URL names a file holding the URL (a mounted secret)."""
+        secret = tmp_path / "redis_url"
+        secret.write_text("redis://:s3cret@redis:6379/0\n")
+        config = config_from_env({"NOPS_BUS_FILE__REDIS_URL": str(secret)})
+        assert config.redis_url == "redis://:s3cret@redis:6379/0"
+
+    @pytest.mark.parametrize(
+        ("setup", "reason"),
+        [
+            pytest.param("missing", "cannot read", id="missing"),
+            pytest.param("empty", "is empty", id="empty"),
+            pytest.param("both", "set by both", id="both-forms"),
+            pytest.param("bad-url", "must be a redis://", id="invalid"),
+        ],
+    )
+    def test_bad_file_variables_name_the_key_not_the_secret(
+        self, tmp_path: Path, setup: str, reason: str
+    ) -> None:
+        """A file variable that cannot be used names redis_url and why, never the value."""
+        secret = tmp_path / "redis_url"
+        environ = {"NOPS_BUS_FILE__REDIS_URL": str(secret)}
+        content = {"empty": "\n", "both": "redis://:s3cret@r/0", "bad-url": "http://:s3cret@r/0"}
+        if setup in content:
+            secret.write_text(content[setup])
+        if setup == "both":
+            environ["NOPS_BUS__REDIS_URL"] = "redis://r/0"
+        with pytest.raises(BusConfigError) as caught:
+            config_from_env(environ)
+        assert caught.value.key == "redis_url"
+        assert reason in caught.value.message
+        assert "s3cret" not in str(caught.value)

@@ -152,6 +152,17 @@ class TestCircuitBreaker:
             ("INFO", "circuit closed", "http://agent:1"),
         ]
 
+    def test_retry_in_counts_down_while_open(self) -> None:
+        """retry_in: 0 while closed, the rest of open_s while open, 0 again once half-open."""
+        clock = Clock()
+        breaker = _breaker(clock, open_s=10.0)
+        assert breaker.retry_in == 0.0
+        _fail(breaker, 3)
+        clock.now += 4.0
+        assert breaker.retry_in == 6.0
+        clock.now += 6.0
+        assert (breaker.state, breaker.retry_in) == (CircuitState.HALF_OPEN, 0.0)
+
 
 class TestCircuitBreakers:
     def test_one_breaker_per_key_and_bounded(self) -> None:

@@ -106,6 +106,24 @@ class TestParse:
                 "duplicate",
                 id="duplicate-prefix",
             ),
+            pytest.param(
+                {"routes": [{**ROUTE, "circuit_failures": 0}]},
+                "routes[0].circuit_failures",
+                ">= 1",
+                id="circuit-failures",
+            ),
+            pytest.param(
+                {"routes": [{**ROUTE, "circuit_open_s": 0}]},
+                "routes[0].circuit_open_s",
+                "> 0",
+                id="circuit-open-s",
+            ),
+            pytest.param(
+                {"routes": [{**ROUTE, "circuit_half_open_max": 0}]},
+                "routes[0].circuit_half_open_max",
+                ">= 1",
+                id="circuit-half-open-max",
+            ),
         ],
     )
     def test_bad_values_name_the_key(self, table: dict[str, Any], key: str, message: str) -> None:
@@ -176,6 +194,73 @@ class TestLoad:
         with pytest.raises(ConfigError) as caught:
             load_config(None, environ=environ)
         assert caught.value.key == key
+
+    @pytest.mark.parametrize(
+        ("content", "expected"),
+        [
+            pytest.param(
+                "postgresql://nops:s3cret@db:5432/nops\n",
+                "postgresql://nops:s3cret@db:5432/nops",
+                id="trailing-newline-removed",
+            ),
+            pytest.param(
+                "postgresql://nops:s3cret@db/nops\r\n",
+                "postgresql://nops:s3cret@db/nops",
+                id="crlf-removed",
+            ),
+            pytest.param(
+                "postgresql://nops:9000@db/nops", "postgresql://nops:9000@db/nops", id="no-newline"
+            ),
+        ],
+    )
+    def test_file_overrides_read_the_value_from_a_file(
+        self, tmp_path: Path, content: str, expected: str
+    ) -> None:
+        """NOPS_GATEWAY_FILE__SECTION__KEY sets the key to the named file's text."""
+        secret = tmp_path / "postgres_dsn"
+        secret.write_text(content, newline="")
+        environ = {"NOPS_GATEWAY_FILE__DEPENDENCIES__POSTGRES_DSN": str(secret)}
+        assert load_config(None, environ=environ).dependencies.postgres_dsn == expected
+
+    def test_file_override_value_is_always_a_string(self, tmp_path: Path) -> None:
+        """A file's text is never parsed as TOML: '9000' in a file stays a string."""
+        secret = tmp_path / "port"
+        secret.write_text("9000\n")
+        with pytest.raises(ConfigError) as caught:
+            load_config(None, environ={"NOPS_GATEWAY_FILE__SERVER__PORT": str(secret)})
+        assert (caught.value.key, caught.value.message) == ("server.port", "must be an integer")
+
+    @pytest.mark.parametrize(
+        ("setup", "key", "reason"),
+        [
+            pytest.param("missing", "dependencies.redis_url", "No such file", id="missing"),
+            pytest.param("empty", "dependencies.redis_url", "is empty", id="empty"),
+            pytest.param("binary", "dependencies.redis_url", "not UTF-8", id="not-text"),
+            pytest.param("both", "dependencies.redis_url", "set by both", id="both-forms"),
+            pytest.param("bad-url", "dependencies.redis_url", "must be a redis://", id="invalid"),
+        ],
+    )
+    def test_bad_file_overrides_name_the_key_not_the_secret(
+        self, tmp_path: Path, setup: str, key: str, reason: str
+    ) -> None:
+        """A file override that cannot be used names the key and why, never the value."""
+        secret = tmp_path / "redis_url"
+        environ = {"NOPS_GATEWAY_FILE__DEPENDENCIES__REDIS_URL": str(secret)}
+        content = {
+            "empty": b"\n",
+            "binary": b"\xff\xfe-s3cret",
+            "both": b"redis://:s3cret@redis:6379/0",
+            "bad-url": b"http://:s3cret@redis:6379/0",
+        }
+        if setup in content:
+            secret.write_bytes(content[setup])
+        if setup == "both":
+            environ["NOPS_GATEWAY__DEPENDENCIES__REDIS_URL"] = "redis://redis:6379/0"
+        with pytest.raises(ConfigError) as caught:
+            load_config(None, environ=environ)
+        assert caught.value.key == key
+        assert reason in caught.value.message
+        assert "s3cret" not in str(caught.value)
 
     def test_config_is_typed(self) -> None:
         """The loaded object is the frozen Config."""

@@ -52,3 +52,27 @@ class TestArtefacts:
         assert "NOPS_GATEWAY__AUDIT__SPOOL_PATH=/var/lib/nops/audit/spool.jsonl" in dockerfile
         assert "- audit:/var/lib/nops/audit" in compose
         assert "NOPS_GATEWAY__AUDIT__STORE: postgres" in compose
+
+    def test_paths_the_deployments_run_are_in_the_image(self) -> None:
+        """Every /app/... path that compose.yaml or deploy/k8s runs is copied into the image,
+        and the bundle directory is the gateway user's."""
+        dockerfile = (ROOT / "Dockerfile").read_text()
+        copied = re.findall(r"^COPY (?!--from)\S+ \./(\S+)$", dockerfile, re.MULTILINE)
+        texts = [(ROOT / "compose.yaml").read_text()]
+        texts += [p.read_text() for p in (ROOT / "deploy" / "k8s").glob("*.yaml")]
+        used = {m for text in texts for m in re.findall(r"/app/([\w./-]+)", text)}
+        assert used >= {"scripts/build-bundle", "deploy/opa/config.yaml"}
+        for path in used:
+            assert any(path == c or path.startswith(c.rstrip("/") + "/") for c in copied), path
+            assert (ROOT / path).exists(), path
+        assert "mkdir -p /var/lib/nops/audit /var/lib/nops/bundles" in dockerfile
+
+    def test_dockerignore_lets_in_exactly_what_the_image_copies(self) -> None:
+        """The build context starts empty ('*') and lets in each COPY source, nothing else."""
+        dockerfile = (ROOT / "Dockerfile").read_text()
+        sources = set(re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile, re.MULTILINE))
+        wanted = {s.rstrip("/") for line in sources for s in line.split()}
+        lines = (ROOT / ".dockerignore").read_text().splitlines()
+        assert "*" in lines
+        allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+        assert allowed - {"Dockerfile"} == wanted

@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.middleware import SECURITY_HEADERS
@@ -75,6 +76,43 @@ class TestAllowedRequests:
         assert headers["x-kept"] == "yes"
         # SECURITY: a client-supplied X-Forwarded-For from an untrusted peer is replaced.
         assert headers["x-forwarded-for"] == "127.0.0.1"
+
+    async def test_upstream_redirect_is_relayed_not_followed(
+        self, make_gateway: GatewayFactory
+    ) -> None:
+        """An upstream's 302 reaches the caller as it is; the gateway never follows it."""
+        followed: list[str] = []
+
+        async def redirect(request: web.Request) -> web.Response:
+            raise web.HTTPFound(str(request.url.with_path("/internal")))
+
+        async def target(request: web.Request) -> web.Response:
+            followed.append(request.path)
+            return web.Response(text="followed")
+
+        app = web.Application()
+        app.router.add_get("/echo/go", redirect)
+        app.router.add_get("/internal", target)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        try:
+            gateway = await make_gateway(
+                routes=[
+                    {
+                        "name": "echo",
+                        "prefix": "/echo/",
+                        "upstream": str(server.make_url("")).rstrip("/"),
+                        "auth": "none",
+                        "require_signature": False,
+                    }
+                ]
+            )
+            response = await gateway.get("/echo/go", allow_redirects=False)
+            assert response.status == 302
+            assert response.headers["Location"] == str(server.make_url("/internal"))
+            assert followed == []
+        finally:
+            await server.close()
 
     async def test_upstream_cookies_are_not_shared_between_clients(
         self, make_gateway: GatewayFactory, upstream: TestServer
@@ -281,6 +319,50 @@ class TestFailures:
             ]
         )
         await assert_problem(await client.get("/echo/x"), 502, "upstream-unavailable")
+
+    @pytest.mark.parametrize(
+        ("dead", "path", "failure"),
+        [
+            pytest.param(False, "/echo/status/503", (503, None), id="upstream-answers-503"),
+            pytest.param(True, "/echo/x", (502, "upstream-unavailable"), id="connection-refused"),
+        ],
+    )
+    async def test_failing_upstream_opens_the_route_circuit(
+        self,
+        make_gateway: GatewayFactory,
+        upstream: TestServer,
+        dead: bool,
+        path: str,
+        failure: tuple[int, str | None],
+    ) -> None:
+        """circuit_failures failures in a row: 503 circuit-open, not sent, Retry-After."""
+        anonymous = {"auth": "none", "require_signature": False}
+        live = str(upstream.make_url("")).rstrip("/")
+        routes = [
+            {
+                "name": "echo",
+                "prefix": "/echo/",
+                "upstream": f"http://127.0.0.1:{free_port()}" if dead else live,
+                "circuit_failures": 2,
+                "circuit_open_s": 30,
+                **anonymous,
+            },
+            {"name": "readonly", "prefix": "/readonly/", "upstream": live, **anonymous},
+        ]
+        client = await make_gateway(routes=routes)
+        status, code = failure
+        for _ in range(2):
+            response = await client.get(path)
+            if code is None:
+                assert response.status == status  # the upstream's own answer
+            else:
+                await assert_problem(response, status, code)
+        refused = await client.get(path)
+        body = await assert_problem(refused, 503, "circuit-open", ["circuit_open"])
+        assert len(body["decision_id"]) == 36
+        assert 1 <= int(refused.headers["Retry-After"]) <= 30
+        # One route's circuit is its own: another route to the same upstream still serves.
+        assert (await client.get("/readonly/x")).status == 200
 
     async def test_upstream_slow_is_504(self, gateway: Client) -> None:
         """An upstream slower than the route timeout (1 s here) is 504 upstream-timeout."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from gateway.problem import PROBLEM_CONTENT_TYPE, problem_type
+from gateway.health import CheckState, Probe, ReadinessChecker
 from tests.conftest import GatewayFactory, OpaProcess, free_port
+from tests.problems import assert_problem
 from tests.services import PostgresService, RedisService
 
 
@@ -25,7 +28,7 @@ class TestReadiness:
         redis_server: RedisService,
         postgres_server: PostgresService,
     ) -> None:
-        """All configured dependencies answer: 200 with each check ok."""
+        """All configured dependencies answer: 200 ready with each check ok."""
         client = await make_gateway(
             dependencies={"redis_url": redis_server.url, "postgres_dsn": postgres_server.dsn}
         )
@@ -33,23 +36,43 @@ class TestReadiness:
         assert response.status == 200
         assert await response.json() == {
             "status": "ready",
-            "checks": {"opa": "ok", "redis": "ok", "postgres": "ok", "audit": "ok"},
+            "readiness": "ready",
+            "checks": {
+                "opa": "ok",
+                "redis": "ok",
+                "postgres": "ok",
+                "audit": "ok",
+                "ratelimit": "ok",
+            },
+            "degraded": [],
         }
 
-    @pytest.mark.parametrize("down", ["redis", "postgres", "opa"])
-    async def test_unready_names_the_dependency(
+    @pytest.mark.parametrize(
+        ("down", "readiness"),
+        [
+            pytest.param("redis", "degraded", id="redis-degrades"),
+            pytest.param("postgres", "degraded", id="postgres-degrades"),
+            pytest.param("opa", "unavailable", id="opa-unavailable"),
+        ],
+    )
+    async def test_a_dependency_down_degrades_or_makes_unavailable(
         self,
         make_gateway: GatewayFactory,
         redis_server: RedisService,
         postgres_server: PostgresService,
         down: str,
+        readiness: str,
     ) -> None:
-        """One dependency down: 503 problem naming it, the others still ok; back up: 200."""
+        """Redis or PostgreSQL down: 200 degraded naming it; OPA down: 503 problem; back: ready."""
         from tests.conftest import POLICY_DIR
 
         own_opa = OpaProcess(POLICY_DIR)
         own_opa.start()
-        services = {"redis": redis_server, "postgres": postgres_server, "opa": own_opa}
+        services: dict[str, RedisService | PostgresService | OpaProcess] = {
+            "redis": redis_server,
+            "postgres": postgres_server,
+            "opa": own_opa,
+        }
         try:
             client = await make_gateway(
                 policy={"url": own_opa.url},
@@ -62,16 +85,79 @@ class TestReadiness:
             assert (await client.get("/_readyz")).status == 200
             services[down].stop()
             response = await client.get("/_readyz")
-            assert response.status == 503
-            body = await response.json(content_type=PROBLEM_CONTENT_TYPE)
-            assert body["type"] == problem_type("dependency-unavailable")
-            assert body["unavailable"] == [down]
-            assert down in body["detail"]
+            if readiness == "unavailable":
+                body = await assert_problem(response, 503, "dependency-unavailable")
+                assert body["readiness"] == "unavailable"
+                assert body["unavailable"] == [down]
+                assert body["degraded"] == []
+                assert down in body["detail"]
+            else:
+                assert response.status == 200
+                body = await response.json()
+                assert body["status"] == body["readiness"] == "degraded"
+                assert body["degraded"] == [down]
             ok = {k for k, v in body["checks"].items() if v == "ok"}
-            assert ok == (set(services) | {"audit"}) - {down}
+            assert ok == (set(services) | {"audit", "ratelimit"}) - {down}
+            assert body["checks"][down] in {"unhealthy", "unreachable"}
             services[down].start()
-            assert (await client.get("/_readyz")).status == 200
+            recovered = await client.get("/_readyz")
+            assert (recovered.status, (await recovered.json())["readiness"]) == (200, "ready")
         finally:
             own_opa.stop()
             redis_server.start()
             postgres_server.start()
+
+
+def _probe(answer: bool | CheckState | type[Exception] | None) -> Probe:
+    async def probe() -> bool | CheckState:
+        if answer is None:
+            await asyncio.sleep(10)
+        if isinstance(answer, type):
+            raise answer("down")
+        assert answer is not None
+        return answer
+
+    return probe
+
+
+class TestReadinessChecker:
+    @pytest.mark.parametrize(
+        ("answer", "critical", "state", "readiness"),
+        [
+            pytest.param(True, True, "ok", "ready", id="ok"),
+            pytest.param(CheckState.DEGRADED, True, "degraded", "degraded", id="critical-fallback"),
+            pytest.param(CheckState.DEGRADED, False, "degraded", "degraded", id="fallback"),
+            pytest.param(False, True, "unhealthy", "unavailable", id="critical-unhealthy"),
+            pytest.param(OSError, True, "unreachable", "unavailable", id="critical-raises"),
+            pytest.param(None, True, "timeout", "unavailable", id="critical-timeout"),
+            pytest.param(False, False, "unhealthy", "degraded", id="degradable-unhealthy"),
+            pytest.param(OSError, False, "unreachable", "degraded", id="degradable-raises"),
+            pytest.param(None, False, "timeout", "degraded", id="degradable-timeout"),
+        ],
+    )
+    async def test_one_check_decides_the_readiness(
+        self,
+        answer: bool | CheckState | type[Exception] | None,
+        critical: bool,
+        state: str,
+        readiness: str,
+    ) -> None:
+        """A check's answer and criticality give its state and the node's readiness."""
+        checker = ReadinessChecker(timeout_s=0.05)
+        checker.add("ok", _probe(True), critical=True)
+        checker.add("dep", _probe(answer), critical=critical)
+        report = await checker.check()
+        assert report.checks == {"ok": "ok", "dep": state}
+        assert report.readiness == readiness
+        assert report.unavailable == (("dep",) if readiness == "unavailable" else ())
+        assert report.degraded == (("dep",) if readiness == "degraded" else ())
+
+    async def test_unavailable_wins_over_degraded_and_lists_both(self) -> None:
+        """A critical check down and a fallback in use: unavailable, naming each."""
+        checker = ReadinessChecker(timeout_s=1.0)
+        checker.add("opa", _probe(False), critical=True)
+        checker.add("redis", _probe(OSError), critical=False)
+        checker.add("audit", _probe(CheckState.DEGRADED), critical=True)
+        report = await checker.check()
+        assert report.readiness == "unavailable"
+        assert (report.unavailable, report.degraded) == (("opa",), ("audit", "redis"))

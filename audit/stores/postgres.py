@@ -91,7 +91,15 @@ INSERT INTO audit_checkpoints (chain_id, seq, hash, checkpoint) VALUES ($1, $2, 
 """
 
 #: Exceptions that mean "the database could not be used", as opposed to a bug.
-_DB_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+#: InternalClientError: asyncpg's protocol state when the server goes away
+#: mid-operation (seen releasing a pooled connection as PostgreSQL shuts down).
+_DB_ERRORS: Final = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
 
 
 class PostgresStore:

@@ -8,7 +8,9 @@ is set) and its (tenant, route) quota, with the limits of the tenant's tier
 is anonymous and takes from the per-IP ``anonymous`` quota. The first quota
 with nothing left refuses the request with 429 ``rate-limited``, a reason
 naming it and ``Retry-After``; a refused request consumes no quota (see
-:mod:`gateway.ratelimits`).
+:mod:`gateway.ratelimits`). When the freshness stage already took the
+quotas in its one Redis call with the nonce claim (``ctx.quotas_taken``),
+this stage only applies that result.
 
 Every response to a request that got this far carries the IETF RateLimit
 header fields (draft-ietf-httpapi-ratelimit-headers-11 syntax, Structured
@@ -23,6 +25,7 @@ that it not be earlier than the end of that window).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -93,7 +96,11 @@ class Ratelimit:
     async def run(self, ctx: RequestContext) -> web.StreamResponse | None:
         if not self.enabled:
             return None
-        result = await self.limiter.take(self._quotas(ctx))
+        result = ctx.quotas_taken
+        if result is None:
+            result = await self.limiter.take(self.quotas(ctx))
+        else:
+            self.limiter.shared_answered()
         if result.states:
             ctx.response_headers.update(_header_fields(result.states))
         if result.refused is not None:
@@ -106,7 +113,8 @@ class Ratelimit:
             )
         return None
 
-    def _quotas(self, ctx: RequestContext) -> Sequence[Quota]:
+    def quotas(self, ctx: RequestContext) -> Sequence[Quota]:
+        """The quotas ``ctx`` takes from, in order."""
         if ctx.tenant is None:
             if self._anonymous is None:
                 return ()
@@ -138,12 +146,14 @@ def _item(policy: str, limit: str) -> limits.RateLimitItem | None:
     return type(parsed)(parsed.amount, parsed.multiples, namespace=policy)
 
 
+@functools.lru_cache(maxsize=4096)
 def _key(value: str) -> str:
     # Storage keys join identifiers with "/": escape so that no two
     # (tenant, agent) pairs can spell the same key.
     return urllib.parse.quote(value, safe="")
 
 
+@functools.lru_cache(maxsize=4096)
 def _address_key(client_ip: str) -> str:
     try:
         address = ipaddress.ip_address(client_ip)

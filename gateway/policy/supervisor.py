@@ -106,6 +106,12 @@ class LocalOpa:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The running OPA's process id (a restart gives a new one), or None."""
+        process = self._process
+        return process.pid if process is not None and process.returncode is None else None
+
     async def start(self) -> None:
         if not self.binary.is_file():
             raise LocalOpaError(
