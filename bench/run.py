@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import shutil
@@ -421,8 +422,13 @@ def stage_profile(settings: Settings, svc: Services) -> dict[str, float]:
 
 
 def _med(rows: list[dict[str, Any]], key: str) -> float:
+    return round(median([float(r[key]) for r in rows]), 3)
+
+
+def _med_or_none(rows: list[dict[str, Any]], key: str) -> float | None:
+    """The median, or None (JSON null) when no row has the figure (wrk: no client CPU)."""
     values = [float(r[key]) for r in rows if r.get(key) is not None]
-    return round(median(values), 3) if values else float("nan")
+    return round(median(values), 3) if values else None
 
 
 def _med_nested(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
@@ -482,13 +488,24 @@ def scaling_runs(settings: Settings, svc: Services, raw: list[Any]) -> dict[str,
     }
 
 
+def _no_nan(value: Any) -> Any:
+    """``value`` with NaN (a percentile of nothing) as None: the file stays valid JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return value
+
+
 def _closed_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "rps": _med(rows, "rps"),
         "p50_ms": _med(rows, "p50_ms"),
         "p99_ms": _med(rows, "p99_ms"),
         "errors": sum(r["errors"] for r in rows),
-        "client_cpu_us": _med(rows, "client_cpu_us"),
+        "client_cpu_us": _med_or_none(rows, "client_cpu_us"),
         "cpu_us_per_request": _med_nested(rows, "cpu_us_per_request"),
     }
 
@@ -600,7 +617,7 @@ def run(settings: Settings, out: Path) -> dict[str, Any]:
     results["machine"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     results["runs"] = raw
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out.write_text(json.dumps(_no_nan(results), indent=2, allow_nan=False) + "\n")
     return results
 
 
