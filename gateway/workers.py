@@ -204,7 +204,11 @@ def supervise(
     if not _port_free(host, port):
         _log.error("address in use", extra={"host": host, "port": port})
         return 1
-    prepare_shared_state(config)
+    try:
+        prepare_shared_state(config)
+    except (OSError, ValueError) as exc:  # the audit data directory: unwritable, a bad chain-id
+        _log.error("audit data directory unusable", extra={"error": f"{type(exc).__name__}: {exc}"})
+        return 1
     stop = threading.Event()
     received: list[int] = []
 
