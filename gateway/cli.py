@@ -76,9 +76,7 @@ def _serve(
     workers: int | None,
     path: Path | None,
 ) -> int:
-    # Imported here so that check-config stays light.
-    from gateway.app import create_app
-    from gateway.server import serve
+    # Imported here so that check-config (and a supervisor) stays light.
     from gateway.workers import (
         check_shareable,
         current_worker,
@@ -103,6 +101,9 @@ def _serve(
         if path is not None:
             argv += ["--config", str(path)]
         return supervise(config, workers=count, host=bind_host, port=bind_port, worker_argv=argv)
+    from gateway.app import create_app
+    from gateway.server import serve
+
     if worker is not None:
         die_with_parent(int(os.environ.get("NOPS_GATEWAY_PARENT", os.getppid())))
         config = worker_config(config, worker)
