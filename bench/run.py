@@ -48,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,12 +238,23 @@ def start_gateway(
         group.stop()
         raise
     startup = time.monotonic() - started
-    deadline = time.monotonic() + 30
-    while workers > 1 and len(_children(process.pid)) < workers and time.monotonic() < deadline:
-        time.sleep(0.05)
     if workers > 1:
-        time.sleep(1.0)  # every worker listening, not only the first
+        _wait_workers(port, workers)
     return group, startup
+
+
+def _wait_workers(port: int, workers: int, timeout_s: float = 60.0) -> None:
+    """Until every worker has answered /_readyz (one new connection per ask)."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < workers and time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            url = f"http://127.0.0.1:{port}/_readyz"
+            with urllib.request.urlopen(url, timeout=2) as response:
+                seen.add(int(json.loads(response.read())["worker"]))
+        time.sleep(0.02)
+    if len(seen) < workers:
+        raise RuntimeError(f"only workers {sorted(seen)} of {workers} answered")
 
 
 def start_bare(svc: Services, processes: int) -> Group:

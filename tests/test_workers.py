@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -150,6 +151,30 @@ def test_cli_refuses_unshareable_config(tmp_path: Path) -> None:
     assert "replay" in result.stderr
 
 
+def test_supervisor_refuses_a_port_in_use(tmp_path: Path) -> None:
+    """Another listener on the port: one log line, exit 1, no worker joins it (SO_REUSEPORT)."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'version = 1\n[dependencies]\nredis_url = "redis://127.0.0.1:1/0"\n'
+        f'[audit]\npath = "{tmp_path / "audit.jsonl"}"\n'
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        argv = ["--port", str(taken.getsockname()[1]), "--workers", "2"]
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config), *argv],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert [line["msg"] for line in lines if line["level"] == "error"] == ["address in use"]
+    assert not (tmp_path / "audit-w1.jsonl").exists()
+
+
 def _children(pid: int) -> set[int]:
     found = set()
     for entry in Path("/proc").iterdir():
@@ -233,15 +258,21 @@ require_signature = false
     port = free_port()
     process = _spawn(config, port)
     running = Served(process, port, audit_dir)
-    async with aiohttp.ClientSession() as session:
-        for _ in range(400):
+    # Ready once both workers have answered, each on a new connection (the
+    # kernel picks the listening socket per connection).
+    seen: set[int] = set()
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(600):
             assert process.poll() is None, "the supervisor exited"
             try:
                 async with session.get(running.url + "/_readyz") as response:
-                    if response.status == 200 and len(_children(process.pid)) == 2:
-                        break
+                    if response.status == 200:
+                        seen.add((await response.json())["worker"])
             except aiohttp.ClientError:
                 pass
+            if seen == {1, 2}:
+                break
             await asyncio.sleep(0.05)
     yield running
     for pid in _children(process.pid):
