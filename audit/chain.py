@@ -172,6 +172,11 @@ class AuditLog:
         return self.spool is not None and self.spool.pending
 
     @property
+    def queue_depth(self) -> int:
+        """Records appended and waiting for the writer's next group commit."""
+        return len(self._pending)
+
+    @property
     def healthy(self) -> bool:
         """False while records cannot be made durable, or the spool cannot drain."""
         return self._writer is not None and not self._last_batch_failed and self.conflict is None

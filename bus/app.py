@@ -10,6 +10,7 @@
     POST /topics/{topic}/dlq/redrive                           {"ids": [...]} or {"max": n}
     GET  /health                                               liveness
     GET  /_readyz                                              Redis reachable
+    GET  /openapi.json                                         this API's OpenAPI 3.1 document
 
 Every topic request acts for the tenant in ``X-Nops-Tenant``, which the
 gateway sets from the verified credential after dropping any the caller
@@ -25,6 +26,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import resources
 from typing import Any, Final
 
 import orjson
@@ -64,6 +66,8 @@ MAX_IDS: Final = 1000
 _DEFAULT_MAX: Final = 10
 _MIN_BODY_CAP: Final = 64 * 1024
 _JSON: Final = "application/json"
+#: The API contract, served at ``/openapi.json`` (and by the gateway at ``/_openapi/bus.json``).
+OPENAPI_DOCUMENT: Final = resources.files("bus").joinpath("openapi/bus.json").read_bytes()
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -79,6 +83,7 @@ def create_app(config: BusConfig, *, client: BusClient | None = None) -> web.App
     app.cleanup_ctx.append(_bus_client(client))
     app.router.add_get("/health", _health)
     app.router.add_get("/_readyz", _readyz)
+    app.router.add_get("/openapi.json", _openapi, allow_head=False)
     app.router.add_post("/topics/{topic}/messages", _publish)
     app.router.add_get("/topics/{topic}/subscriptions/{group}/messages", _consume)
     app.router.add_post("/topics/{topic}/subscriptions/{group}/ack", _ack)
@@ -170,6 +175,11 @@ def _tenant(request: web.Request) -> str:
 
 async def _health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"}, dumps=_dumps)
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    """This service's OpenAPI document (``bus/openapi/bus.json``)."""
+    return web.Response(body=OPENAPI_DOCUMENT, content_type=_JSON)
 
 
 async def _readyz(request: web.Request) -> web.Response:
@@ -279,7 +289,14 @@ async def _redrive(request: web.Request) -> web.Response:
     body = await _json_body(request, empty_ok=True)
     ids = _ids(body, required=False)
     max_entries = body.get("max", 100)
-    if not isinstance(max_entries, int) or not 1 <= max_entries <= MAX_IDS:
+    # JSON has one number type: 5.0 is the integer 5; true is not a number.
+    if isinstance(max_entries, float) and max_entries.is_integer():
+        max_entries = int(max_entries)
+    if (
+        isinstance(max_entries, bool)
+        or not isinstance(max_entries, int)
+        or not 1 <= max_entries <= MAX_IDS
+    ):
         raise MalformedRequest(f"max must be between 1 and {MAX_IDS}", reasons=("invalid_max",))
     moved = await request.app[CLIENT].redrive(
         request[_TENANT], request.match_info["topic"], ids, max_entries=max_entries
@@ -328,9 +345,9 @@ async def _json_body(request: web.Request, *, empty_ok: bool = False) -> dict[st
 
 
 def _ids(body: dict[str, Any], *, required: bool) -> list[str] | None:
-    ids = body.get("ids")
-    if ids is None and not required:
+    if "ids" not in body and not required:
         return None
+    ids = body.get("ids")
     if (
         not isinstance(ids, list)
         or not 1 <= len(ids) <= MAX_IDS

@@ -17,6 +17,7 @@ from typing import Final
 from bus.errors import MalformedRequest
 
 __all__ = [
+    "MAX_ID_PART",
     "MESSAGE_ID",
     "NAME",
     "TENANT",
@@ -31,6 +32,8 @@ NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: Tenant ids, as the gateway passes them in ``X-Nops-Tenant``.
 TENANT: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MESSAGE_ID: Final = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+#: Both parts of a stream entry id are unsigned 64-bit integers; Redis refuses larger ones.
+MAX_ID_PART: Final = 2**64 - 1
 
 
 def stream_key(tenant: str, topic: str) -> str:
@@ -47,6 +50,10 @@ def idempotency_redis_key(tenant: str, topic: str, key: str) -> str:
 
 
 def check(pattern: re.Pattern[str], value: str, what: str) -> str:
-    if not isinstance(value, str) or pattern.fullmatch(value) is None:
+    if (
+        not isinstance(value, str)
+        or pattern.fullmatch(value) is None
+        or (pattern is MESSAGE_ID and any(int(part) > MAX_ID_PART for part in value.split("-")))
+    ):
         raise MalformedRequest(f"invalid {what}", reasons=(f"invalid_{what}",))
     return value

@@ -55,7 +55,16 @@ from bus.errors import (
     RedisUnavailable,
     TenantMismatch,
 )
-from bus.keys import MESSAGE_ID, NAME, TENANT, check, dlq_key, idempotency_redis_key, stream_key
+from bus.keys import (
+    MAX_ID_PART,
+    MESSAGE_ID,
+    NAME,
+    TENANT,
+    check,
+    dlq_key,
+    idempotency_redis_key,
+    stream_key,
+)
 from bus.pipelining import AutoPipeline
 from bus.results import DeadLetter, Delivery, Pending, PendingEntry, PublishResult, Redriven
 
@@ -426,6 +435,8 @@ class BusClient:
         """The topic's dead letters, oldest first, after the id ``after`` if given."""
         dlq = dlq_key(tenant, topic)
         start = "-" if after is None else "(" + check(MESSAGE_ID, after, "after")
+        if after is not None and all(int(part) == MAX_ID_PART for part in after.split("-")):
+            return []  # nothing comes after the largest id (Redis refuses the interval)
         async with _redis_errors():
             rows = await self._redis.xrange(dlq, min=start, max="+", count=max_entries)
         letters: list[DeadLetter] = []

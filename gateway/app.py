@@ -14,13 +14,14 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import aiohttp
 from aiohttp import web
 from redis.asyncio import Redis
 
 from gateway.admin import register_admin_routes
+from gateway.apidocs import OPENAPI_PREFIX, openapi_document
 from gateway.auditing import AuditRecorder, audit_recorder
 from gateway.config import Config, PolicyConfig
 from gateway.context import REQUEST_CONTEXT
@@ -34,6 +35,12 @@ from gateway.policy.engine import PolicyEngine
 from gateway.policy.stack import POLICY_STACK, open_policy_stack
 from gateway.policy.supervisor import LocalBundle, LocalOpa
 from gateway.proxy import ReverseProxy
+from gateway.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+    from gateway.telemetry.listener import MetricsListener
 
 __all__ = [
     "AUDIT",
@@ -41,8 +48,10 @@ __all__ = [
     "ENGINE",
     "LOCAL_OPA",
     "METRICS",
+    "METRICS_LISTENER",
     "PIPELINE",
     "REDIS",
+    "TELEMETRY",
     "create_app",
 ]
 
@@ -63,26 +72,40 @@ _HTTP: Final = web.AppKey("http_session", aiohttp.ClientSession)
 _OUTBOUND: Final = web.AppKey("outbound_session", aiohttp.ClientSession)
 _READINESS: Final = web.AppKey("readiness", ReadinessChecker)
 _CLOCK: Final[web.AppKey[Callable[[], float]]] = web.AppKey("clock")
+#: Metrics and tracing, or None when both are off.
+TELEMETRY: Final[web.AppKey[Telemetry | None]] = web.AppKey("telemetry")
+#: The /metrics listener while it runs (its ``port`` is the bound one).
+METRICS_LISTENER: Final[web.AppKey[MetricsListener]] = web.AppKey("metrics_listener")
 
 
-def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
+def create_app(
+    config: Config,
+    *,
+    clock: Callable[[], float] = time.time,
+    span_exporter: SpanExporter | None = None,
+) -> web.Application:
     """Build the gateway application for ``config``; nothing starts until it runs.
 
     ``clock`` (wall-clock seconds) is what the pipeline judges time by; tests pin it.
+    ``span_exporter`` turns tracing on with that exporter, whatever ``[tracing]``
+    says (tests pass an in-memory one).
     """
     metrics = Metrics()
+    telemetry = Telemetry.for_config(config, metrics, span_exporter=span_exporter)
     app = web.Application(
         middlewares=[
             edge_middleware(
                 metrics=metrics,
                 trusted_proxies=config.server.trusted_proxies,
                 access_log=config.logging.access_log,
+                telemetry=telemetry,
             )
         ],
         client_max_size=config.server.max_body_bytes,
     )
     app[CONFIG] = config
     app[METRICS] = metrics
+    app[TELEMETRY] = telemetry
     app[_CLOCK] = clock
     app.on_response_prepare.append(set_security_headers)
     app.cleanup_ctx.append(_redis)
@@ -91,8 +114,10 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web
     app.cleanup_ctx.append(_outbound_session)
     app.cleanup_ctx.append(_audit)
     app.cleanup_ctx.append(_pipeline)
+    app.cleanup_ctx.append(_telemetry)
     app.router.add_get("/health", health)
     app.router.add_get("/_readyz", _readyz)
+    app.router.add_get(OPENAPI_PREFIX + "/{document}", openapi_document, allow_head=False)
     # The admin plane: explicit routes, before the catch-all, outside the pipeline.
     register_admin_routes(app, config, metrics)
     app.router.add_route("*", "/{tail:.*}", _proxy)
@@ -193,15 +218,19 @@ async def _audit(app: web.Application) -> AsyncIterator[None]:
 
 async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
+    telemetry = app[TELEMETRY]
+    engine = app[ENGINE]
+    if telemetry is not None:
+        engine = telemetry.observe_engine(engine)
     proxy = ReverseProxy(
         app[_HTTP],
         max_body_bytes=config.server.max_body_bytes,
         trusted_proxies=frozenset(config.server.trusted_proxies),
     )
-    pipeline = app[PIPELINE] = build_pipeline(
+    pipeline = build_pipeline(
         PipelineDeps(
             config=config,
-            engine=app[ENGINE],
+            engine=engine,
             proxy=proxy,
             redis=app[REDIS],
             metrics=app[METRICS],
@@ -211,10 +240,44 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
         )
     )
     _add_fallback_checks(app[_READINESS], pipeline)
+    app[PIPELINE] = telemetry.instrument(pipeline) if telemetry is not None else pipeline
     try:
         yield
     finally:
         await app[PIPELINE].close()
+
+
+async def _telemetry(app: web.Application) -> AsyncIterator[None]:
+    """The /metrics listener and scrape-time probes; flushes traces at shutdown."""
+    telemetry = app[TELEMETRY]
+    if telemetry is None:
+        yield
+        return
+    readiness = app[_READINESS]
+
+    async def dependencies() -> dict[str, bool]:
+        # The /_readyz checks: degraded = on a fallback, or down.
+        report = await readiness.check()
+        return {name: state is not CheckState.OK for name, state in report.checks.items()}
+
+    telemetry.readiness = dependencies
+    recorder = app[AUDIT]
+    if recorder is not None:
+        log = recorder.log
+        telemetry.watch_audit_queue(lambda: log.queue_depth)
+    listener: MetricsListener | None = None
+    try:
+        if telemetry.instruments is not None:
+            from gateway.telemetry.listener import MetricsListener
+
+            listener = MetricsListener(app[CONFIG].metrics, telemetry)
+            await listener.start()
+            app[METRICS_LISTENER] = listener
+        yield
+    finally:
+        if listener is not None:
+            await listener.stop()
+        await telemetry.close()
 
 
 def _add_fallback_checks(readiness: ReadinessChecker, pipeline: Pipeline) -> None:

@@ -36,6 +36,7 @@ from audit.record import Outcome
 from gateway.config import Config
 from gateway.context import RequestContext
 from gateway.errors import AuditUnavailable, GatewayError
+from gateway.telemetry import operation
 
 __all__ = ["AuditRecorder", "audit_recorder", "audit_settings"]
 
@@ -77,7 +78,8 @@ class AuditRecorder:
 
     async def _append(self, ctx: RequestContext, entry: Entry) -> None:
         try:
-            record = await self.log.append(entry)
+            with operation("audit"):
+                record = await self.log.append(entry)
         except AppendFailed:
             raise AuditUnavailable(
                 "the decision could not be recorded; the request was not forwarded"

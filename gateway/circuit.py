@@ -166,6 +166,10 @@ class CircuitBreakers:
     def __len__(self) -> int:
         return len(self._breakers)
 
+    def states(self) -> list[CircuitState]:
+        """The state of every breaker kept (for the circuit_state metric)."""
+        return [breaker.state for breaker in self._breakers.values()]
+
     def get(self, key: Hashable, *, label: str = "") -> CircuitBreaker:
         """The breaker for ``key``; ``label`` names it in logs (never a secret)."""
         breaker = self._breakers.get(key)

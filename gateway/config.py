@@ -69,6 +69,7 @@ __all__ = [
     "IssuerConfig",
     "KeyConfig",
     "LoggingConfig",
+    "MetricsConfig",
     "PolicyCacheConfig",
     "PolicyConfig",
     "PolicyShadowConfig",
@@ -79,6 +80,7 @@ __all__ = [
     "ServerConfig",
     "SignatureConfig",
     "TenantConfig",
+    "TracingConfig",
     "load_config",
     "parse_config",
     "rfc3339_timestamp",
@@ -330,6 +332,39 @@ class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: One canonical JSON line per request.
     access_log: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Prometheus ``/metrics`` on its own listener, apart from the proxied traffic."""
+
+    enabled: bool = False
+    #: Keep it on loopback (or a private interface): the admin listener has no auth.
+    host: str = "127.0.0.1"
+    #: 0 picks a free port (tests).
+    port: int = 9090
+
+    def validate(self, key: str) -> None:
+        _require(bool(self.host), f"{key}.host", "must not be empty")
+        _require(0 <= self.port <= 65535, f"{key}.port", "must be between 0 and 65535")
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """OpenTelemetry traces; ``exporter = "none"`` (the default) costs nothing."""
+
+    exporter: Literal["none", "otlp", "console"] = "none"
+    #: OTLP/HTTP traces endpoint; empty means the exporter's default (or OTEL_EXPORTER_*).
+    endpoint: str = ""
+    #: Fraction of traces kept, decided on the trace id (a client cannot force it).
+    sample_ratio: float = 1.0
+    service_name: str = "nops-gateway"
+
+    def validate(self, key: str) -> None:
+        _require(0.0 <= self.sample_ratio <= 1.0, f"{key}.sample_ratio", "must be between 0 and 1")
+        _require(bool(self.service_name), f"{key}.service_name", "must not be empty")
+        if self.endpoint:
+            _require_http_url(self.endpoint, f"{key}.endpoint")
 
 
 @dataclass(frozen=True, slots=True)
@@ -933,6 +968,8 @@ class Config:
     api_keys: tuple[ApiKeyConfig, ...] = ()
     admin: AdminConfig = field(default_factory=AdminConfig)
     egress: EgressConfig = field(default_factory=EgressConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     def validate(self) -> None:
         _require(
@@ -951,6 +988,8 @@ class Config:
             "the postgres store needs audit.dsn or dependencies.postgres_dsn",
         )
         self.admin.validate("admin")
+        self.metrics.validate("metrics")
+        self.tracing.validate("tracing")
         names: set[str] = set()
         prefixes: set[str] = set()
         for index, route in enumerate(self.routes):

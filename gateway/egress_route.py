@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import ssl
 from collections.abc import Mapping
@@ -56,6 +57,7 @@ from gateway.circuit import CircuitBreakers
 from gateway.config import Config, EgressConfig, RouteConfig
 from gateway.context import RequestContext
 from gateway.errors import (
+    CircuitOpen,
     EgressDenied,
     GatewayError,
     MalformedRequest,
@@ -65,6 +67,7 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.proxy import HOP_BY_HOP
+from gateway.telemetry import inject_trace, operation
 
 __all__ = [
     "DATA_CLASS_HEADER",
@@ -269,8 +272,11 @@ class EgressRouter:
         breaker = self.breakers.get(destination.name, label=destination.name)
         ticket = breaker.allow()
         if ticket is None:
-            return UpstreamUnavailable(
-                f"the circuit of {destination.name} is open", reasons=("circuit_open",)
+            retry_after = str(max(math.ceil(breaker.retry_in), 1))
+            return CircuitOpen(
+                f"the circuit of {destination.name} is open; the request was not sent",
+                reasons=("circuit_open",),
+                headers={"Retry-After": retry_after},
             ), False
         try:
             checked = await self.guard.check(
@@ -292,18 +298,21 @@ class EgressRouter:
         slow = f"{destination.name} did not answer within {destination.timeout_s:g} s"
         async with pinned_session(checked, ssl_context=self._ssl(destination)) as session:
             try:
-                async with session.request(
-                    ctx.request.method,
-                    url,
-                    headers=_outbound_headers(ctx.request.headers),
-                    data=body,
-                    timeout=limits,
-                    allow_redirects=False,  # SECURITY: a redirect is relayed, never followed
-                ) as upstream:
-                    content = await _read_response(upstream, self._settings.config)
-                    status = upstream.status
-                    reason = upstream.reason
-                    headers = _response_headers(upstream.headers)
+                with operation("upstream", self._route.name):
+                    outbound = _outbound_headers(ctx.request.headers)
+                    inject_trace(outbound)
+                    async with session.request(
+                        ctx.request.method,
+                        url,
+                        headers=outbound,
+                        data=body,
+                        timeout=limits,
+                        allow_redirects=False,  # SECURITY: a redirect is relayed, never followed
+                    ) as upstream:
+                        content = await _read_response(upstream, self._settings.config)
+                        status = upstream.status
+                        reason = upstream.reason
+                        headers = _response_headers(upstream.headers)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
                 breaker.failure(ticket)
                 return UpstreamUnavailable(f"{destination.name} is unreachable"), True

@@ -18,9 +18,11 @@ from typing import Any, Final, TextIO
 
 import orjson
 
-__all__ = ["REQUEST_ID", "JsonFormatter", "configure_logging", "redact"]
+__all__ = ["REQUEST_ID", "TRACE_ID", "JsonFormatter", "configure_logging", "redact"]
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+#: The W3C trace id of the request being handled, while tracing is on.
+TRACE_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace_id", default=None)
 
 # Attributes every LogRecord has; anything else came in through ``extra=``.
 _RECORD_ATTRS: Final = frozenset(
@@ -68,6 +70,9 @@ class JsonFormatter(logging.Formatter):
         request_id = REQUEST_ID.get()
         if request_id is not None:
             entry["request_id"] = request_id
+        trace_id = TRACE_ID.get()
+        if trace_id is not None:
+            entry["trace_id"] = trace_id
         for key, value in record.__dict__.items():
             if key not in _RECORD_ATTRS and not key.startswith("_"):
                 entry[key] = redact(key, value)

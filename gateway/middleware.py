@@ -29,6 +29,7 @@ from gateway.errors import (
 from gateway.logs import REQUEST_ID
 from gateway.metrics import Metrics
 from gateway.problem import problem_response
+from gateway.telemetry import Telemetry
 
 __all__ = [
     "ON_OUTCOME",
@@ -90,9 +91,17 @@ def _is_ip(value: str) -> bool:
 
 
 def edge_middleware(
-    *, metrics: Metrics, trusted_proxies: Iterable[str] = (), access_log: bool = True
+    *,
+    metrics: Metrics,
+    trusted_proxies: Iterable[str] = (),
+    access_log: bool = True,
+    telemetry: Telemetry | None = None,
 ) -> Middleware:
-    """Give each request a context and an id; turn errors into problem+json."""
+    """Give each request a context and an id; turn errors into problem+json.
+
+    With ``telemetry`` each request also gets a server span (and its trace id
+    on every log line) and is counted in the Prometheus metrics.
+    """
     trusted = frozenset(trusted_proxies)
 
     @web.middleware
@@ -103,6 +112,7 @@ def edge_middleware(
             request=request, request_id=request_id, client_ip=client_ip(request, trusted)
         )
         request[REQUEST_CONTEXT] = ctx
+        observation = telemetry.begin(ctx) if telemetry is not None else None
         status = 500
         error: GatewayError | None = None
         try:
@@ -130,8 +140,12 @@ def edge_middleware(
                 error.code if error else None,
                 error.reasons if error else (),
             )
+            if observation is not None:
+                observation.finish(ctx, status, error)
             if access_log:
                 _log_request(ctx, status, error)
+            if observation is not None:
+                observation.close()
             REQUEST_ID.reset(token)
 
     return edge
@@ -181,6 +195,7 @@ def _log_request(ctx: RequestContext, status: int, error: GatewayError | None) -
     if error is not None:
         entry["error"] = error.code
         entry["reasons"] = list(error.reasons)
+        entry["reason"] = error.reasons[0] if error.reasons else error.code
         if "decision_id" in error.extra:
             entry["decision_id"] = error.extra["decision_id"]
     if ctx.upstream_status is not None:

@@ -8,7 +8,8 @@ on a route whose ``auth`` is not "none") is removed unless the route sets
 ``X-Nops-Tenant``, ``-Subject``, ``-Agent``, ``-Scopes`` and
 ``-Decision-Id``. Callers can never send ``X-Nops-*`` themselves. The
 request signature (``Signature``, ``Signature-Input``) is the caller's proof
-to the gateway and is not forwarded.
+to the gateway and is not forwarded. With tracing on, ``traceparent`` and
+``tracestate`` name the gateway's upstream span (same trace id as the caller's).
 Bodies stream in both directions; the request body is cut off at the
 configured cap. A body a stage already read whole (``ctx.body``, to verify
 its digest) is sent as those bytes. Connection failures are 502, timeouts 504.
@@ -29,6 +30,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.config import RouteConfig
 from gateway.context import RequestContext
 from gateway.errors import PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
+from gateway.telemetry import inject_trace, operation
 
 __all__ = ["HOP_BY_HOP", "ReverseProxy"]
 
@@ -116,15 +118,16 @@ class ReverseProxy:
             body = _CappedBody(request, self._max_body)
             data = body.chunks()
         try:
-            upstream = await self._session.request(
-                request.method,
-                url,
-                headers=_upstream_headers(ctx, url, self._trusted),
-                data=data,
-                timeout=timeout,
-                allow_redirects=False,
-                auto_decompress=False,
-            )
+            with operation("upstream", route.name):
+                upstream = await self._session.request(
+                    request.method,
+                    url,
+                    headers=_upstream_headers(ctx, url, self._trusted),
+                    data=data,
+                    timeout=timeout,
+                    allow_redirects=False,
+                    auto_decompress=False,
+                )
         except (_BodyTooLarge, aiohttp.ClientError, TimeoutError) as exc:
             # The body cap surfaces as whatever aiohttp wraps it in; check it first.
             if body is not None and body.exceeded:
@@ -156,15 +159,16 @@ class ReverseProxy:
         that choose the target themselves and may retry (:mod:`gateway.agents`);
         they :meth:`relay` the answer and release it.
         """
-        return await self._session.request(
-            ctx.request.method,
-            url,
-            headers=_upstream_headers(ctx, url, self._trusted),
-            data=body,
-            timeout=limits,
-            allow_redirects=False,
-            auto_decompress=False,
-        )
+        with operation("upstream", ctx.route.name if ctx.route is not None else ""):
+            return await self._session.request(
+                ctx.request.method,
+                url,
+                headers=_upstream_headers(ctx, url, self._trusted),
+                data=body,
+                timeout=limits,
+                allow_redirects=False,
+                auto_decompress=False,
+            )
 
     async def relay(
         self, ctx: RequestContext, upstream: aiohttp.ClientResponse, route: RouteConfig
@@ -260,6 +264,7 @@ def _upstream_headers(
     headers[hdrs.X_FORWARDED_HOST] = request.host
     headers["X-Request-Id"] = ctx.request_id
     headers[hdrs.HOST] = url.raw_authority
+    inject_trace(headers)  # the current (upstream) span's traceparent, when tracing is on
     return headers
 
 

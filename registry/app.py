@@ -13,6 +13,7 @@ POST     /agents/{id}/heartbeat         the agent is alive (200, the agent, now 
 GET      /admin/agents                  admin key only: every tenant's agents (``tenant`` filter)
 GET      /health                        liveness
 GET      /_readyz                       PostgreSQL reachable; outbox backlog
+GET      /openapi.json                  this API's OpenAPI 3.1 document
 =======  =============================  ==============================================
 
 The tenant is the ``X-Nops-Tenant`` header that the gateway sets from the
@@ -32,6 +33,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from importlib import resources
 from typing import Any, Final
 
 import aiohttp
@@ -99,6 +101,8 @@ _REQUEST_ID_SHAPE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _LIST_PARAMS: Final = frozenset({"capability", "status", "limit", "cursor"})
 _ADMIN_LIST_PARAMS: Final = _LIST_PARAMS | {"tenant"}
 _MAX_CURSOR: Final = 512
+#: The API contract, served at /openapi.json (and by the gateway at /_openapi/registry.json).
+OPENAPI_DOCUMENT: Final = resources.files("registry").joinpath("openapi/registry.json").read_bytes()
 _HTTP_ERRORS: Final[dict[int, type[RegistryError]]] = {
     400: MalformedBody,
     404: NotFound,
@@ -185,6 +189,7 @@ def create_app(
     app.router.add_get("/admin/agents", _admin_list, allow_head=False)
     app.router.add_get("/health", _health, allow_head=False)
     app.router.add_get("/_readyz", _readyz, allow_head=False)
+    app.router.add_get("/openapi.json", _openapi, allow_head=False)
     return app
 
 
@@ -253,6 +258,11 @@ async def _admin_list(request: web.Request) -> web.Response:
 
 async def _health(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    """This service's OpenAPI document (``registry/openapi/registry.json``)."""
+    return web.Response(body=OPENAPI_DOCUMENT, content_type="application/json")
 
 
 async def _readyz(request: web.Request) -> web.Response:

@@ -269,6 +269,9 @@ def _validated(fields: Mapping[str, Any], limits: Limits) -> dict[str, Any]:
         out["labels"] = _labels(fields["labels"], limits)
     if "weight" in fields:
         weight = fields["weight"]
+        # JSON has one number type: 5.0 is the integer 5 (as JSON Schema says), 5.5 is not.
+        if isinstance(weight, float) and weight.is_integer():
+            weight = int(weight)
         if isinstance(weight, bool) or not isinstance(weight, int):
             raise InvalidField("weight must be an integer", field="weight")
         if not 0 <= weight <= _MAX_WEIGHT:

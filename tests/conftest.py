@@ -25,10 +25,12 @@ from gateway.echo import create_echo_app
 from gateway.server import GatewayRunner
 from tests.jwtissuer import FakeIssuer
 from tests.registrykit import T0, RegistryFactory, fresh_database, start_registry
+from tests.secretscan import register_secret
 from tests.services import PostgresService, RedisService
 
 # The bus's fixtures (tenant, bus, bus_http, make_bus, raw_redis, ...).
-pytest_plugins = ("tests.busfixtures",)
+# The run-wide secrets check over every log line (tests/secretscan.py).
+pytest_plugins = ("tests.busfixtures", "tests.secretscan")
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS_BIN = Path(os.environ.get("TOOLS_BIN", ROOT / ".tools" / "bin"))
@@ -194,6 +196,8 @@ TEST_SECRETS: dict[str, bytes] = {
     "globex-k1": GLOBEX_SECRET,
     "acme-agent-a1": AGENT_A1_SECRET,
 }
+for _keyid, _secret in TEST_SECRETS.items():
+    register_secret(_secret, f"HMAC key {_keyid}")
 
 
 class PinnedClock:
@@ -316,9 +320,17 @@ async def make_gateway(
     upstream_url = str(upstream.make_url("")).rstrip("/")
 
     async def factory(
-        *, clock: Callable[[], float] = time.time, sign_as: str | None = None, **sections: Any
+        *,
+        clock: Callable[[], float] = time.time,
+        sign_as: str | None = None,
+        span_exporter: Any = None,
+        **sections: Any,
     ) -> TestClient[Any, Any]:
-        """``sign_as`` (a keyid of TEST_SECRETS): the client signs every request with it."""
+        """``sign_as`` (a keyid of TEST_SECRETS): the client signs every request with it.
+
+        ``span_exporter`` turns tracing on into it. Metrics stay off unless
+        ``metrics`` says otherwise (then use port 0: gateways run side by side).
+        """
         audit = dict(sections.get("audit", {}))
         if "path" not in audit:
             audit_dir = tmp_path_factory.mktemp("audit")
@@ -331,7 +343,9 @@ async def make_gateway(
             signer = signing_middleware(keyid=sign_as, secret=TEST_SECRETS[sign_as], clock=clock)
             middlewares = (signer,)
         client: TestClient[Any, Any] = TestClient(
-            GatewayTestServer(create_app(config, clock=clock), host="127.0.0.1"),
+            GatewayTestServer(
+                create_app(config, clock=clock, span_exporter=span_exporter), host="127.0.0.1"
+            ),
             middlewares=middlewares,
         )
         await client.start_server()

@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from tests.secretscan import register_secret
+
 __all__ = [
     "AUDIENCE",
     "TENANT",
@@ -49,14 +51,18 @@ def _segment(value: Mapping[str, Any]) -> str:
 
 def unsigned_token(header: Mapping[str, Any], claims: Mapping[str, Any], signature: bytes) -> str:
     """A compact JWS with exactly this header, these claims and this signature."""
-    return f"{_segment(header)}.{_segment(claims)}.{b64url(signature)}"
+    token = f"{_segment(header)}.{_segment(claims)}.{b64url(signature)}"
+    register_secret(token, "JWT (unsigned_token)")
+    return token
 
 
 def hs_token(header: Mapping[str, Any], claims: Mapping[str, Any], secret: bytes) -> str:
     """Signed with HMAC-SHA256 by hand: PyJWT refuses PEM secrets, attackers do not."""
     signing_input = f"{_segment(header)}.{_segment(claims)}"
     signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{b64url(signature)}"
+    token = f"{signing_input}.{b64url(signature)}"
+    register_secret(token, "JWT (hs_token)")
+    return token
 
 
 @functools.cache
@@ -161,7 +167,9 @@ class FakeIssuer:
         key = key or next(iter(self.keys.values()))
         header: dict[str, Any] = {"kid": key.kid, **(headers or {})}
         header = {k: v for k, v in header.items() if v is not None}
-        return jwt.encode(self.claims(**claims), key.private, algorithm=key.alg, headers=header)
+        token = jwt.encode(self.claims(**claims), key.private, algorithm=key.alg, headers=header)
+        register_secret(token, "JWT (FakeIssuer)")
+        return token
 
     # -- the JWKS server ----------------------------------------------------
     @property

@@ -27,11 +27,14 @@ from tests.conftest import (
     free_port,
 )
 from tests.problems import assert_problem
+from tests.secretscan import register_secret
 
 Client = TestClient[Any, Any]
 
 # One key per role: id "<role>", secret "secret-of-<role>-0123456789".
 SECRETS = {role: f"secret-of-{role.lower()}-0123456789" for role in ROLES}
+for _role, _secret in SECRETS.items():
+    register_secret(_secret, f"admin key {_role}")
 ADMIN_KEYS = [
     {"id": role.lower(), "role": role, "hash": hash_secret(secret)}
     for role, secret in SECRETS.items()
@@ -336,6 +339,7 @@ class TestAdminWithoutOpa:
 
 
 REGISTRY_ADMIN_KEY = "registry-admin-key-0123456789-abcdefghij"
+register_secret(REGISTRY_ADMIN_KEY, "registry admin key")
 REGISTRY_KEY_ENV = "NOPS_TEST_REGISTRY_ADMIN_KEY"
 
 

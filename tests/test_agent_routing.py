@@ -22,8 +22,10 @@ from tests.agentkit import AgentProcess, create_agent_app
 from tests.conftest import GatewayFactory, PinnedClock, free_port
 from tests.problems import assert_problem
 from tests.registrykit import Client, RegistryFactory, tenant
+from tests.secretscan import register_secret
 
 SECRET = "s3cret-" + "x" * 40
+register_secret(SECRET, "API key secret (agent routing)")
 ACME_KEY = {"Authorization": f"ApiKey acme-key.{SECRET}"}
 GLOBEX_KEY = {"Authorization": f"ApiKey globex-key.{SECRET}"}
 API_KEYS = [
@@ -58,7 +60,11 @@ async def make_agent_gateway(make_gateway: GatewayFactory, registry: Client) -> 
     """Gateways with one agent route, /agents/, reading the test registry."""
 
     async def factory(
-        route: dict[str, Any] | None = None, *, sign_as: str | None = None, **agent: Any
+        route: dict[str, Any] | None = None,
+        *,
+        sign_as: str | None = None,
+        span_exporter: Any = None,
+        **agent: Any,
     ) -> Client:
         settings = {"registry_url": str(registry.make_url("")).rstrip("/"), "cache_ttl_s": 0}
         settings.update(agent)
@@ -82,6 +88,7 @@ async def make_agent_gateway(make_gateway: GatewayFactory, registry: Client) -> 
             api_keys=API_KEYS,
             sign_as=sign_as,
             ratelimit={"anonymous": "100000/minute"},
+            span_exporter=span_exporter,
         )
 
     return factory
@@ -708,3 +715,26 @@ class TestAgentRouteConfig:
             parse_config({"routes": [route]})
         assert caught.value.key == key
         assert message in caught.value.message
+
+
+class TestTraceContext:
+    async def test_agent_gets_the_gateways_traceparent(
+        self, make_agent_gateway: AgentGatewayFactory, register: Register, agents: Any
+    ) -> None:
+        """The agent call is an upstream span under the route stage; the agent sees its context."""
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        spans = InMemorySpanExporter()
+        await register("a1", await agents("one"))
+        gateway = await make_agent_gateway(span_exporter=spans)
+        trace = "5b8aa5a2d2c872e8321cf37308d69df2"
+        response = await gateway.get(
+            "/agents/a1/x", headers={**ACME_KEY, "traceparent": f"00-{trace}-051581bf3cb55c13-01"}
+        )
+        assert response.status == 200
+        sent = (await response.json())["headers"]["traceparent"]
+        finished = {span.name: span for span in spans.get_finished_spans()}
+        upstream = finished["upstream agents"]
+        assert upstream.parent is not None
+        assert upstream.parent.span_id == finished["stage route"].context.span_id
+        assert sent == f"00-{trace}-{upstream.context.span_id:016x}-01"

@@ -10,8 +10,10 @@ import pytest
 
 from gateway.apikeys import ApiKeyRejected, ApiKeyStore, hash_secret, main
 from gateway.config import ApiKeyConfig, parse_config
+from tests.secretscan import register_secret
 
 SECRET = "Zq3-secret_value-0123456789abcdefghij"
+register_secret(SECRET, "API key secret (apikeys)")
 
 
 @pytest.fixture

@@ -36,6 +36,10 @@ async def _consume(client: Client, tenant: str, query: str = "consumer=c&max=10"
     return (await response.json())["messages"]
 
 
+#: A stream id whose milliseconds part is 2**64: well formed, but more than Redis can hold.
+_TOO_BIG = f"{2**64}-0"
+
+
 class TestPublishConsumeAck:
     async def test_round_trip(self, bus_http: Client, tenant: str) -> None:
         """201 on publish, the full envelope on consume, acked once, nothing pending."""
@@ -408,6 +412,62 @@ class TestProblems:
             "/topics/t/subscriptions/g/ack", json={"ids": ["nope"]}, headers=as_tenant(tenant)
         )
         await assert_bus_problem(response, 400, "malformed-request", ["invalid_id"])
+
+    @pytest.mark.parametrize(
+        ("method", "path", "body", "reason"),
+        [
+            pytest.param(
+                "POST", "/topics/t/subscriptions/g/ack", {"ids": [_TOO_BIG]}, "invalid_id", id="ack"
+            ),
+            pytest.param(
+                "POST", "/topics/t/dlq/redrive", {"ids": [_TOO_BIG]}, "invalid_id", id="redrive"
+            ),
+            pytest.param("GET", f"/topics/t/dlq?after={_TOO_BIG}", None, "invalid_after", id="dlq"),
+        ],
+    )
+    async def test_message_id_past_64_bits(
+        self, bus_http: Client, tenant: str, method: str, path: str, body: Any, reason: str
+    ) -> None:
+        """An id whose parts do not fit 64 bits is a 400, not a Redis error and a 500 (contract)."""
+        response = await bus_http.request(method, path, json=body, headers=as_tenant(tenant))
+        await assert_bus_problem(response, 400, "malformed-request", [reason])
+
+    @pytest.mark.parametrize(
+        ("max_value", "status"),
+        [
+            pytest.param(True, 400, id="true-is-not-a-number"),
+            pytest.param(0, 400, id="zero"),
+            pytest.param(1001, 400, id="too-many"),
+            pytest.param(2.5, 400, id="fraction"),
+            pytest.param(2.0, 200, id="whole-float-is-an-integer"),
+        ],
+    )
+    async def test_redrive_max(
+        self, bus_http: Client, tenant: str, max_value: Any, status: int
+    ) -> None:
+        """Redrive's max is an integer from 1 to 1000 as JSON Schema reads one (contract)."""
+        response = await bus_http.post(
+            "/topics/t/dlq/redrive", json={"max": max_value}, headers=as_tenant(tenant)
+        )
+        if status == 400:
+            await assert_bus_problem(response, 400, "malformed-request", ["invalid_max"])
+        else:
+            assert response.status == 200
+            assert await response.json() == {"redriven": [], "missing": []}
+
+    async def test_redrive_ids_null_is_not_absent(self, bus_http: Client, tenant: str) -> None:
+        """ "ids": null is a bad list of ids, not "the oldest ones" (contract)."""
+        response = await bus_http.post(
+            "/topics/t/dlq/redrive", json={"ids": None}, headers=as_tenant(tenant)
+        )
+        await assert_bus_problem(response, 400, "malformed-request", ["invalid_ids"])
+
+    async def test_nothing_after_the_largest_id(self, bus_http: Client, tenant: str) -> None:
+        """Dead letters after the largest possible id: none (Redis refuses that interval)."""
+        largest = f"{2**64 - 1}-{2**64 - 1}"
+        response = await bus_http.get(f"/topics/t/dlq?after={largest}", headers=as_tenant(tenant))
+        assert response.status == 200
+        assert await response.json() == {"dead_letters": [], "next": None}
 
     async def test_unknown_path_and_method(self, bus_http: Client, tenant: str) -> None:
         """404 and 405 are problems too, 405 with Allow."""

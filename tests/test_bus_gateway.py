@@ -13,9 +13,11 @@ from gateway.apikeys import hash_secret
 from tests.busfixtures import as_tenant, assert_bus_problem
 from tests.conftest import GatewayFactory
 from tests.problems import assert_problem
+from tests.secretscan import register_secret
 
 Client = TestClient[Any, Any]
 SECRET = "s3cret-bus-key-0123456789abcdef"
+register_secret(SECRET, "API key secret (bus gateway)")
 ACME = {"Authorization": f"ApiKey acme-agent.{SECRET}"}
 GLOBEX = {"Authorization": f"ApiKey globex-agent.{SECRET}"}
 EVENT = {"type": "agent.registered", "payload": {"agent": "a1"}}

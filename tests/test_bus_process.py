@@ -18,9 +18,11 @@ import aiohttp
 import pytest
 
 from tests.conftest import ROOT, free_port
+from tests.secretscan import observe_output, register_secret
 from tests.services import RedisService
 
 PASSWORD = "hunter2-bus-redis-pass"
+register_secret(PASSWORD, "bus Redis password")
 
 
 class BusProcess:
@@ -59,6 +61,7 @@ class BusProcess:
         if self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(self.process.communicate(), timeout=20)
+        observe_output(stderr, "bus subprocess stderr")
         lines = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
         return self.process.returncode or 0, lines
 

@@ -29,9 +29,11 @@ from gateway.policy.result import load_schema
 from tests.audit_support import read_records
 from tests.conftest import GatewayFactory, free_port
 from tests.problems import assert_problem
+from tests.secretscan import register_secret
 from tests.test_egress_resolver import ScriptedResolver
 
 SECRET = "s3cret-" + "e" * 40
+register_secret(SECRET, "API key secret (egress)")
 ACME = {"Authorization": f"ApiKey acme-egress.{SECRET}"}
 GLOBEX = {"Authorization": f"ApiKey globex-egress.{SECRET}"}
 NO_SCOPE = {"Authorization": f"ApiKey acme-plain.{SECRET}"}
@@ -78,6 +80,8 @@ async def make_egress(
         *,
         resolver: Any = None,
         destinations: dict[str, dict[str, Any]] | None = None,
+        span_exporter: Any = None,
+        metrics: dict[str, Any] | None = None,
         **egress: Any,
     ) -> TestClient[Any, Any]:
         base = str(upstream.make_url("")).rstrip("/")
@@ -98,6 +102,8 @@ async def make_egress(
             ratelimit={"anonymous": "100000/minute"},
             egress={"destinations_file": str(path), "backoff_s": 0.0, **egress},
             audit={"path": str(tmp_path / "audit.jsonl"), "spool_path": str(tmp_path / "spool")},
+            span_exporter=span_exporter,
+            metrics=metrics or {},
         )
         if resolver is not None:
             stage = client.server.app[PIPELINE].stages[-1]
@@ -437,7 +443,8 @@ class TestConnect:
             response = await client.get("/egress/partner-wiki/", headers=headers)
             await assert_problem(response, 502, "upstream-unavailable")
         response = await client.get("/egress/partner-wiki/", headers=headers)
-        await assert_problem(response, 502, "upstream-unavailable", reasons=["circuit_open"])
+        await assert_problem(response, 503, "circuit-open", reasons=["circuit_open"])
+        assert int(response.headers["Retry-After"]) >= 1
 
 
 class TestPolicyInput:
@@ -466,3 +473,46 @@ class TestPolicyInput:
             "classification": expected,
         }
         assert ctx.egress_target.path == "/v1/x"
+
+
+class TestTraceContext:
+    async def test_destination_gets_the_gateways_traceparent(
+        self, make_egress: EgressGateway
+    ) -> None:
+        """With tracing on, the egress call is a span and the destination sees its context."""
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        spans = InMemorySpanExporter()
+        client = await make_egress(span_exporter=spans)
+        trace = "0af7651916cd43dd8448eb211c80319c"
+        response = await client.get(
+            "/egress/partner-wiki/",
+            headers={
+                **ACME,
+                "X-Data-Class": "D1",
+                "traceparent": f"00-{trace}-b7ad6b7169203331-01",
+            },
+        )
+        assert response.status == 200
+        sent = (await response.json())["headers"]["traceparent"]
+        [upstream] = [s for s in spans.get_finished_spans() if s.name == "upstream egress"]
+        assert sent == f"00-{trace}-{upstream.context.span_id:016x}-01"
+
+
+class TestMetrics:
+    async def test_circuits_and_upstream_time_by_route(self, make_egress: EgressGateway) -> None:
+        """Egress circuits are counted by route and state; upstream time by route."""
+        from tests.test_telemetry import scrape, value
+
+        client = await make_egress(metrics={"enabled": True, "port": 0})
+        for destination in ("partner-wiki", "public-search"):
+            response = await client.get(
+                f"/egress/{destination}/", headers={**ACME, "X-Data-Class": "D0"}
+            )
+            assert response.status == 200
+        samples = await scrape(client)
+        circuits = "nops_gateway_circuit_state"
+        assert value(samples, circuits, route="egress", state="closed") == 2
+        assert value(samples, circuits, route="egress", state="open") == 0
+        upstream = "nops_gateway_upstream_duration_seconds_count"
+        assert value(samples, upstream, route="egress") == 2

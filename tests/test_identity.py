@@ -34,6 +34,7 @@ from gateway.tokens import build_validator
 from tests.conftest import GatewayFactory
 from tests.jwtissuer import AUDIENCE, TENANT, FakeIssuer, SigningKey, hs_token, unsigned_token
 from tests.problems import assert_problem
+from tests.secretscan import register_secret
 
 Client = TestClient[Any, Any]
 TokenMaker = Callable[[FakeIssuer], str]
@@ -41,6 +42,8 @@ TokenMaker = Callable[[FakeIssuer], str]
 INVALID_TOKEN_CHALLENGE = 'Bearer realm="nops-gateway", error="invalid_token"'
 API_SECRET = "s3cr3t-0123456789-abcdefghijklmnop"
 HS_SECRET = "an-hs-secret-long-enough-for-hs512-too-" + "0123456789abcdef" * 2
+register_secret(API_SECRET, "API key secret (identity)")
+register_secret(HS_SECRET, "HS JWT secret (identity)")
 
 
 def issuer_config(issuer: FakeIssuer, **overrides: Any) -> dict[str, Any]:

@@ -20,11 +20,13 @@ from tests.registrykit import (
     assert_registry_problem,
     tenant,
 )
+from tests.secretscan import register_secret
 from tests.services import PostgresService
 
 ACME = tenant("acme")
 GLOBEX = tenant("globex")
 ADMIN_KEY = "k" * 40
+register_secret(ADMIN_KEY, "registry admin key (registry api)")
 
 
 @pytest.fixture
@@ -92,6 +94,25 @@ class TestLifecycle:
         assert deleted.status == 204
         gone = await registry.get("/agents/summarizer-1", headers=ACME)
         await assert_registry_problem(gone, 404, "agent-not-found")
+
+    @pytest.mark.parametrize(
+        ("path", "method", "body"),
+        [
+            pytest.param("/agents", "POST", agent_body("a1", weight=7.0), id="register"),
+            pytest.param("/agents/a1", "PATCH", {"weight": 7.0}, id="update"),
+        ],
+    )
+    async def test_whole_number_weight_is_an_integer(
+        self, registry: Client, path: str, method: str, body: dict[str, Any]
+    ) -> None:
+        """weight 7.0 is the integer 7, as JSON Schema has it (found by the contract tests)."""
+        if method == "PATCH":
+            await registry.post("/agents", json=agent_body("a1"), headers=ACME)
+        response = await registry.request(method, path, json=body, headers=ACME)
+        assert response.status in (200, 201), await response.text()
+        assert (await response.json())["weight"] == 7
+        stored = await (await registry.get("/agents/a1", headers=ACME)).json()
+        assert stored["weight"] == 7
 
     async def test_name_defaults_to_id(self, registry: Client) -> None:
         """A registration without a name is named by its id."""

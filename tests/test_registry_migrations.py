@@ -26,6 +26,7 @@ from registry.migrate import (
     migrate_up,
 )
 from tests.conftest import free_port
+from tests.secretscan import observe_output
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,6 +229,7 @@ class TestCli:
         finally:
             proc.send_signal(signal.SIGTERM)
             _, stderr = proc.communicate(timeout=20)
+        observe_output(stderr, "registry subprocess stderr")
         assert proc.returncode == 0
         lines = [orjson.loads(line) for line in stderr.splitlines() if line.startswith("{")]
         assert any(line["message"] == "migrations applied" for line in lines)

@@ -22,9 +22,12 @@ from gateway.client import signing_middleware
 from registry.devdb import main as devdb
 from tests.agentkit import create_agent_app
 from tests.conftest import ROOT, free_port
+from tests.secretscan import register_secret
 
 SECRET = "run-" + "s" * 40
 SIGNING_KEY = b"k" * 32
+register_secret(SECRET, "API key secret (scripts/run)")
+register_secret(SIGNING_KEY, "HMAC key acme-run")
 KEY = {"Authorization": f"ApiKey demo.{SECRET}"}
 
 
@@ -41,6 +44,7 @@ def _config(path: Path, gateway: int, echo: int, registry: int) -> Path:
     shipped = (ROOT / "config" / "gateway.toml").read_text()
     text = (
         shipped.replace("port = 8080", f"port = {gateway}")
+        .replace("port = 9090", "port = 0")  # the metrics listener: never a fixed port in tests
         .replace("127.0.0.1:8081", f"127.0.0.1:{echo}")
         .replace("127.0.0.1:8083", f"127.0.0.1:{registry}")
         .replace('bundle_dir = "policies/rego"', f'bundle_dir = "{ROOT / "policies" / "rego"}"')

@@ -16,8 +16,11 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import ROOT, OpaProcess, free_port
+from tests.secretscan import observe_output, register_secret
 
 SECRETS = ("hunter2-redis-pass", "bearer-token-s3cret", "query-s3cret", "cookie-s3cret")
+for _secret in SECRETS:
+    register_secret(_secret, "gateway serve secret")
 
 
 class GatewayProcess:
@@ -60,6 +63,7 @@ class GatewayProcess:
         if self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(self.process.communicate(), timeout=20)
+        observe_output(stderr, "gateway subprocess stderr")
         lines = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
         return self.process.returncode or 0, lines
 

@@ -80,7 +80,7 @@ class DecisionStage:
             )
             if self._metrics is not None:
                 for reason in reasons:
-                    self._metrics.egress_would_deny[reason] += 1
+                    self._metrics.record_egress_would_deny(reason)
             return None
         raise EgressDenied(
             "data of this class may not leave for this destination",
