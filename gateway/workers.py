@@ -42,11 +42,11 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from audit.checkpoint import load_or_create_signing_key
 from audit.setup import resolve_chain_id
-from gateway.config import Config, ConfigError
+from gateway.config import Config, ConfigError, MetricsConfig
 
 __all__ = [
     "WORKER_ENV",
@@ -135,26 +135,26 @@ def worker_config(config: Config, index: int) -> Config:
     )
 
 
-def _fixed_metrics_listener(config: Config) -> Any:
-    """The ``[metrics]`` section if the config has one, enabled, on a fixed port; else None."""
-    metrics: Any = getattr(config, "metrics", None)
-    if metrics is None or not getattr(metrics, "enabled", False) or not metrics.port:
-        return None
-    return metrics
+def _fixed_metrics_listener(config: Config) -> MetricsConfig | None:
+    """The ``[metrics]`` listener if it is enabled on a fixed port; else None."""
+    metrics = config.metrics
+    return metrics if metrics.enabled and metrics.port else None
 
 
 def _metrics_port(config: Config, index: int) -> Config:
-    """A metrics listener (``[metrics]``, when the config has one) on port + index - 1.
+    """The metrics listener (``[metrics]``) of worker ``index`` on port + index - 1.
 
     N workers cannot all bind one metrics port, and one of them answering for
-    all would be wrong: each worker gets its own port (9090, 9091, ...) and
-    Prometheus scrapes each. Port 0 (any free port) is left alone.
+    all would report a fraction of the traffic: each worker gets its own port
+    (9090, 9091, ...) and Prometheus scrapes each. Port 0 (any free port) is
+    left alone.
     """
     metrics = _fixed_metrics_listener(config)
     if metrics is None:
         return config
-    moved = dataclasses.replace(metrics, port=metrics.port + index - 1)
-    return dataclasses.replace(config, **{"metrics": moved})
+    return dataclasses.replace(
+        config, metrics=dataclasses.replace(metrics, port=metrics.port + index - 1)
+    )
 
 
 def prepare_shared_state(config: Config) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import signal
@@ -19,7 +18,14 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from gateway.client import sign_request
-from gateway.config import AuditConfig, Config, ConfigError, DependenciesConfig, parse_config
+from gateway.config import (
+    AuditConfig,
+    Config,
+    ConfigError,
+    DependenciesConfig,
+    MetricsConfig,
+    parse_config,
+)
 from gateway.workers import check_shareable, prepare_shared_state, worker_config
 from tests.conftest import ROOT, TEST_SECRETS, TEST_TENANTS, OpaProcess, free_port
 from tests.problems import assert_problem
@@ -94,40 +100,26 @@ class TestWorkerConfig:
         assert worker_config(config, 2) is config
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Metrics:
-    """The shape of the ``[metrics]`` section (another branch): enabled, host, port."""
-
-    enabled: bool = False
-    host: str = "127.0.0.1"
-    port: int = 9090
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _WithMetrics(Config):
-    metrics: _Metrics = dataclasses.field(default_factory=_Metrics)
-
-
 class TestMetricsListener:
     @pytest.mark.parametrize(
         ("metrics", "index", "port"),
         [
-            (_Metrics(enabled=True, port=9090), 1, 9090),
-            (_Metrics(enabled=True, port=9090), 3, 9092),
-            (_Metrics(enabled=True, port=0), 3, 0),  # any free port: left alone
-            (_Metrics(enabled=False, port=9090), 3, 9090),
+            (MetricsConfig(enabled=True, port=9090), 1, 9090),
+            (MetricsConfig(enabled=True, port=9090), 3, 9092),
+            (MetricsConfig(enabled=True, port=0), 3, 0),  # any free port: left alone
+            (MetricsConfig(enabled=False, port=9090), 3, 9090),
         ],
     )
     def test_each_worker_binds_its_own_metrics_port(
-        self, metrics: _Metrics, index: int, port: int
+        self, metrics: MetricsConfig, index: int, port: int
     ) -> None:
-        config = _WithMetrics(audit=AuditConfig(enabled=False), metrics=metrics)
-        assert getattr(worker_config(config, index), "metrics").port == port  # noqa: B009
+        config = Config(audit=AuditConfig(enabled=False), metrics=metrics)
+        assert worker_config(config, index).metrics.port == port
 
     def test_metrics_ports_must_fit(self) -> None:
-        config = _WithMetrics(
+        config = Config(
             dependencies=DependenciesConfig(redis_url=REDIS["redis_url"]),
-            metrics=_Metrics(enabled=True, port=65535),
+            metrics=MetricsConfig(enabled=True, port=65535),
         )
         check_shareable(config, 1)
         with pytest.raises(ConfigError) as raised:
@@ -175,6 +167,19 @@ def test_supervisor_refuses_a_port_in_use(tmp_path: Path) -> None:
     assert not (tmp_path / "audit-w1.jsonl").exists()
 
 
+def _two_free_ports() -> int:
+    """A port P with P + 1 free too (worker 2's metrics listener)."""
+    for _ in range(50):
+        base = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", base + 1))
+            except OSError:
+                continue
+        return base
+    raise AssertionError("no two consecutive free ports")
+
+
 def _children(pid: int) -> set[int]:
     found = set()
     for entry in Path("/proc").iterdir():
@@ -201,6 +206,7 @@ class Served:
         self.process = process
         self.url = f"http://127.0.0.1:{port}"
         self.audit_dir = audit_dir
+        self.metrics_port = 0
 
     async def pinned_sessions(self) -> dict[int, aiohttp.ClientSession]:
         """One keep-alive session (one connection) per worker index, found by asking /_readyz."""
@@ -234,6 +240,7 @@ async def served(
                   for k in t["keys"] if "agent_id" not in k)
         for t in TEST_TENANTS
     )  # fmt: skip
+    metrics_port = _two_free_ports()
     config = tmp_path / "gateway.toml"
     config.write_text(
         f"""version = 1
@@ -247,6 +254,9 @@ redis_url = "{redis_server.url}"
 path = "{audit_dir / "audit.jsonl"}"
 spool_path = "{audit_dir / "spool.jsonl"}"
 checkpoint_every = 2
+[metrics]
+enabled = true
+port = {metrics_port}
 [[routes]]
 name = "echo"
 prefix = "/echo/"
@@ -258,6 +268,7 @@ require_signature = false
     port = free_port()
     process = _spawn(config, port)
     running = Served(process, port, audit_dir)
+    running.metrics_port = metrics_port
     # Ready once both workers have answered, each on a new connection (the
     # kernel picks the listening socket per connection).
     seen: set[int] = set()
@@ -324,6 +335,13 @@ class TestServeWorkers:
             url = f"{served.url}/echo/again"
             replay = await sessions[2].get(url, headers=_signed(url, "n-1"))
             await assert_problem(replay, 409, "replayed-nonce", ["nonce_reused"])
+            # Each worker's metrics listener on its own port: metrics.port + index - 1.
+            async with aiohttp.ClientSession() as session:
+                for offset in (0, 1):
+                    url = f"http://127.0.0.1:{served.metrics_port + offset}/metrics"
+                    async with session.get(url) as response:
+                        assert response.status == 200
+                        assert "nops_" in await response.text()
         finally:
             for session in sessions.values():
                 await session.close()
