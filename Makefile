@@ -23,8 +23,9 @@ policies:
 bundle:
 	scripts/build-bundle
 
+# The whole benchmark in one run (bench/RESULTS.md); e.g. make bench BENCH_ARGS=--quick
 bench: setup
-	.venv/bin/python -m bench.pipeline
+	.venv/bin/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv .tools .mypy_cache .ruff_cache .pytest_cache *.egg-info

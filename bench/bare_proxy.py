@@ -51,6 +51,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
+    parser.add_argument(
+        "--reuse-port", action="store_true", help="SO_REUSEPORT: several processes on one port"
+    )
     args = parser.parse_args()
     web.run_app(
         create_app(args.upstream.rstrip("/")),
@@ -58,6 +61,7 @@ def main() -> None:
         port=args.port,
         access_log=None,
         print=None,
+        reuse_port=args.reuse_port or None,
         loop=uvloop.new_event_loop(),
     )
 

@@ -1,4 +1,8 @@
-"""The gateway's full pipeline against a bare aiohttp proxy, in one run.
+"""The gateway's full pipeline against a bare aiohttp proxy, with wrk only.
+
+Superseded by ``python -m bench.run`` (``make bench``), which needs no wrk and
+also measures latency at fixed loads, stage CPU and scaling; kept for
+comparing with earlier wrk-only figures.
 
     python -m bench.pipeline [--duration 8] [--rounds 3] [--connections 32]
 

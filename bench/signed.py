@@ -1,4 +1,4 @@
-"""Pre-signed requests for wrk, so signing costs the load generator nothing.
+"""Pre-signed requests (for wrk or bench.loadgen), so signing costs the generator nothing.
 
 Each request carries its own nonce and can be sent once (the gateway
 refuses a replay), so the file holds more requests than a run can send and
@@ -85,17 +85,30 @@ algorithms = ["RS256"]
 """
 
 
-def write_requests(
-    directory: Path, *, port: int, path: str, token: str, count: int
-) -> tuple[Path, Path]:
-    """``count`` signed GETs of ``path``: the Lua script and the data file it reads."""
+def signed_heads(*, port: int, path: str, token: str, count: int) -> list[list[str]]:
+    """``count`` signed GETs of ``path`` (a fresh nonce each), as request-line + header lines."""
     url = f"http://127.0.0.1:{port}{path}"
-    lines = []
+    heads = []
     for _ in range(count):
         headers = sign_request("GET", url, keyid=KEYID, secret=SECRET)
         head = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", f"Authorization: Bearer {token}"]
         head += [f"{name}: {value}" for name, value in headers.items()]
-        lines.append("|".join(head) + "||")
+        heads.append(head)
+    return heads
+
+
+def raw_requests(*, port: int, path: str, token: str, count: int) -> list[bytes]:
+    """``count`` signed GETs of ``path`` as the bytes bench.loadgen sends."""
+    heads = signed_heads(port=port, path=path, token=token, count=count)
+    return [("\r\n".join(head) + "\r\n\r\n").encode() for head in heads]
+
+
+def write_requests(
+    directory: Path, *, port: int, path: str, token: str, count: int
+) -> tuple[Path, Path]:
+    """``count`` signed GETs of ``path``: the Lua script and the data file it reads."""
+    heads = signed_heads(port=port, path=path, token=token, count=count)
+    lines = ["|".join(head) + "||" for head in heads]
     data = directory / f"requests-{port}-{time.monotonic_ns()}.txt"
     data.write_text("\n".join(lines) + "\n")
     script = data.with_suffix(".lua")

@@ -44,6 +44,7 @@ from gateway.context import REQUEST_CONTEXT
 from gateway.errors import DependencyUnavailable
 from gateway.policy.engine import PolicyEngine
 from gateway.problem import problem_response
+from gateway.workers import current_worker
 
 __all__ = [
     "Check",
@@ -181,12 +182,16 @@ class ReadinessChecker:
                 },
             )
             return problem_response(error, request_id=request[REQUEST_CONTEXT].request_id)
-        body = {
+        body: dict[str, object] = {
             "status": str(readiness),
             "readiness": str(readiness),
             "checks": checks,
             "degraded": list(report.degraded),
         }
+        worker = current_worker()
+        if worker is not None:
+            # Which of the supervisor's processes answered (docs: multi-worker).
+            body["worker"] = worker
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
