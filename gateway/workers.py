@@ -1,6 +1,6 @@
 """Several gateway processes on one port: ``gateway serve --workers N``.
 
-The main process becomes a small supervisor (docs/adr/XXXX-multi-worker.md):
+The main process becomes a small supervisor (docs/adr/0015-multi-worker.md):
 it checks that the configuration can be shared, prepares what the workers
 must agree on (the audit chain id and signing key), then starts ``N``
 ``gateway serve`` processes that each bind the port with ``SO_REUSEPORT``, so
