@@ -152,14 +152,14 @@ def _print_folded(path: Path, top: int, cpu_us: float) -> None:
     inclusive: collections.Counter[str] = collections.Counter()
     busy = 0
     for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
+        stack, _, samples = line.rpartition(" ")
         frames = stack.split(";")
         if frames[-1].startswith(_IDLE):
             continue  # the event loop waiting for I/O
-        busy += int(count)
+        busy += int(samples)
         # "func (path/file.py:line)" -> "func (file.py)": one row per function.
         for frame in {f.rsplit(":", 1)[0] + ")" for f in frames}:
-            inclusive[frame] += int(count)
+            inclusive[frame] += int(samples)
     print(f"{busy} busy samples; ≈µs/request = share x {cpu_us:.0f}")
     for frame, count in inclusive.most_common(top):
         print(f"{count / busy:6.1%} {count / busy * cpu_us:7.0f} µs  {frame}")
