@@ -40,8 +40,7 @@ to the client verbatim.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from gateway.rfc9457 import ProblemError
 
 __all__ = [
     "AdminForbidden",
@@ -75,26 +74,8 @@ __all__ = [
 ]
 
 
-class GatewayError(Exception):
+class GatewayError(ProblemError):
     """Base of every error that ends a request with a problem response."""
-
-    code: ClassVar[str] = "internal-error"
-    status: ClassVar[int] = 500
-    title: ClassVar[str] = "Internal error"
-
-    def __init__(
-        self,
-        detail: str | None = None,
-        *,
-        reasons: Sequence[str] = (),
-        extra: Mapping[str, Any] | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(detail or self.title)
-        self.detail = detail or self.title
-        self.reasons = tuple(reasons)
-        self.extra = dict(extra or {})
-        self.headers = dict(headers or {})
 
 
 class MalformedRequest(GatewayError):

@@ -42,6 +42,7 @@ import orjson
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
+from gateway.rfc9457 import PROBLEM_CONTENT_TYPE, problem_response
 from registry.db import STORE_ERRORS, create_pool
 from registry.errors import (
     AdminRequired,
@@ -85,7 +86,6 @@ __all__ = [
 
 _log = logging.getLogger("registry.request")
 
-PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
 PROBLEM_TYPE_BASE: Final = "urn:nops:registry:problem:"
 
 SETTINGS: Final = web.AppKey("settings", RegistrySettings)
@@ -423,17 +423,4 @@ def _from_http(exc: web.HTTPException) -> RegistryError:
 
 
 def _problem(error: RegistryError, request_id: str) -> web.Response:
-    body: dict[str, Any] = {
-        "type": PROBLEM_TYPE_BASE + error.code,
-        "title": error.title,
-        "status": error.status,
-        "detail": error.detail,
-        "request_id": request_id,
-    }
-    if error.field is not None:
-        body["field"] = error.field
-    if error.reasons:
-        body["reasons"] = list(error.reasons)
-    return web.Response(
-        status=error.status, body=orjson.dumps(body), content_type=PROBLEM_CONTENT_TYPE
-    )
+    return problem_response(error, request_id=request_id, type_base=PROBLEM_TYPE_BASE)
