@@ -40,6 +40,8 @@ to the client verbatim.
 
 from __future__ import annotations
 
+import math
+
 from gateway.rfc9457 import ProblemError
 
 __all__ = [
@@ -237,6 +239,12 @@ class CircuitOpen(GatewayError):
     code = "circuit-open"
     status = 503
     title = "Upstream circuit open"
+
+    @classmethod
+    def retry_in(cls, detail: str, seconds: float) -> CircuitOpen:
+        """Reason ``circuit_open``; Retry-After: ``seconds`` rounded up, at least 1."""
+        retry_after = str(max(math.ceil(seconds), 1))
+        return cls(detail, reasons=("circuit_open",), headers={"Retry-After": retry_after})
 
 
 class UpstreamUnavailable(GatewayError):
