@@ -118,16 +118,7 @@ class ReverseProxy:
             body = _CappedBody(request, self._max_body)
             data = body.chunks()
         try:
-            with operation("upstream", route.name):
-                upstream = await self._session.request(
-                    request.method,
-                    url,
-                    headers=_upstream_headers(ctx, url, self._trusted),
-                    data=data,
-                    timeout=timeout,
-                    allow_redirects=False,
-                    auto_decompress=False,
-                )
+            upstream = await self._request(ctx, url, route.name, data, timeout)
         except (_BodyTooLarge, aiohttp.ClientError, TimeoutError) as exc:
             # The body cap surfaces as whatever aiohttp wraps it in; check it first.
             if body is not None and body.exceeded:
@@ -159,12 +150,24 @@ class ReverseProxy:
         that choose the target themselves and may retry (:mod:`gateway.agents`);
         they :meth:`relay` the answer and release it.
         """
-        with operation("upstream", ctx.route.name if ctx.route is not None else ""):
+        route_name = ctx.route.name if ctx.route is not None else ""
+        return await self._request(ctx, url, route_name, body, limits)
+
+    async def _request(
+        self,
+        ctx: RequestContext,
+        url: yarl.URL,
+        route_name: str,
+        data: bytes | AsyncIterator[bytes] | None,
+        limits: aiohttp.ClientTimeout,
+    ) -> aiohttp.ClientResponse:
+        """The one upstream call: our headers, no redirects followed, the body as sent."""
+        with operation("upstream", route_name):
             return await self._session.request(
                 ctx.request.method,
                 url,
                 headers=_upstream_headers(ctx, url, self._trusted),
-                data=body,
+                data=data,
                 timeout=limits,
                 allow_redirects=False,
                 auto_decompress=False,
