@@ -25,7 +25,7 @@ the message's payload.
 
 from __future__ import annotations
 
-from gateway.rfc9457 import ProblemError
+from problemjson import ProblemError
 
 __all__ = [
     "BusError",

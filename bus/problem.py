@@ -2,7 +2,7 @@
 
 ``{"type": "urn:nops:bus:problem:<code>", "title", "status", "detail",
 "request_id", ["reasons"], ...extra}`` with ``application/problem+json``,
-built by the services' shared :mod:`gateway.rfc9457`.
+built by the services' shared :mod:`problemjson`.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Final
 
 from aiohttp import web
 
+import problemjson
 from bus.errors import BusError
-from gateway import rfc9457
-from gateway.rfc9457 import PROBLEM_CONTENT_TYPE
+from problemjson import PROBLEM_CONTENT_TYPE
 
 __all__ = ["PROBLEM_CONTENT_TYPE", "PROBLEM_TYPE_BASE", "problem_response", "problem_type"]
 
@@ -26,4 +26,4 @@ def problem_type(code: str) -> str:
 
 
 def problem_response(error: BusError, *, request_id: str) -> web.Response:
-    return rfc9457.problem_response(error, request_id=request_id, type_base=PROBLEM_TYPE_BASE)
+    return problemjson.problem_response(error, request_id=request_id, type_base=PROBLEM_TYPE_BASE)

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 
-from gateway.rfc9457 import ProblemError
+from problemjson import ProblemError
 
 __all__ = [
     "AdminForbidden",

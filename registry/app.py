@@ -42,7 +42,7 @@ import orjson
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
-from gateway.rfc9457 import PROBLEM_CONTENT_TYPE, problem_response
+from problemjson import PROBLEM_CONTENT_TYPE, problem_response
 from registry.db import STORE_ERRORS, create_pool
 from registry.errors import (
     AdminRequired,

@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.rfc9457 import ProblemError
+from problemjson import ProblemError
 
 __all__ = [
     "AdminRequired",

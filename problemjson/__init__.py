@@ -7,9 +7,9 @@ and passes that prefix in. The body is::
     {"type": <type_base><code>, "title", "status", "detail", "request_id",
      ...problem_members()}
 
-with ``application/problem+json``. This module depends on nothing of the
-gateway's (only aiohttp and orjson), so the bus and the registry import it
-without pulling in the gateway.
+with ``application/problem+json``. A package of its own, depending only on
+aiohttp and orjson: the bus does not import the gateway (a test holds it to
+that), and neither service should pull in another's modules.
 """
 
 from __future__ import annotations
