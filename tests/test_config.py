@@ -272,7 +272,7 @@ class TestTypes:
         """dict[str, X] becomes a read-only mapping; X | None takes X."""
         from dataclasses import dataclass
 
-        from gateway.config import _build
+        from gateway.config.loader import _build
 
         @dataclass(frozen=True)
         class Section:
