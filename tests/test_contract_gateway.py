@@ -101,7 +101,7 @@ def live_gateway(opa: OpaProcess, tmp_path_factory: pytest.TempPathFactory) -> I
         await echo.setup()
         site = web.TCPSite(echo, "127.0.0.1", 0)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = echo.addresses[0][1]
         upstream = f"http://127.0.0.1:{port}"
         config = gateway_config(
             opa.url,
