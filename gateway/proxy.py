@@ -73,6 +73,20 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _ProxiedResponse(web.StreamResponse):
+    """A streamed response whose status line and headers leave with its first body bytes.
+
+    ``StreamResponse.prepare`` normally sends the headers on their own; held
+    until the first ``write`` (or ``write_eof``), a small answer goes out in one
+    socket write instead of two or three. Only when they are sent changes:
+    :meth:`ReverseProxy._relay` prepares the response once the first body bytes
+    have arrived and writes them at once. (A private aiohttp switch, the one
+    ``web.Response`` sets; if it went away, headers would simply go out first.)
+    """
+
+    _send_headers_immediately = False
+
+
 class _CappedBody:
     """The request body as a stream, cut off past ``limit`` bytes."""
 
@@ -182,7 +196,7 @@ class ReverseProxy:
         self, ctx: RequestContext, upstream: aiohttp.ClientResponse, route: RouteConfig
     ) -> web.StreamResponse:
         ctx.upstream_status = upstream.status
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response = _ProxiedResponse(status=upstream.status, reason=upstream.reason)
         for name, value in _response_headers(upstream.headers).items():
             response.headers.add(name, value)
         try:
