@@ -175,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 medians = {front: median(samples[front]) for front in fronts}
                 row = "  ".join(f"{front} {medians[front]:4.0f}" for front in fronts)
                 ratios = "  ".join(
-                    f"{front}/bare {medians[front] / medians['bare']:4.2f}"
-                    for front in fronts[1:]
+                    f"{front}/bare {medians[front] / medians['bare']:4.2f}" for front in fronts[1:]
                 )
                 runs = "; ".join(
                     f"{front} {', '.join(f'{s:.0f}' for s in samples[front])}" for front in fronts
