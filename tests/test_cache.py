@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import os
 import shutil
+import signal
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -208,6 +211,34 @@ class TestKeyExclude:
         answers = [await engine.decide(signed_at(created), "d") for created in (1, 2, 2)]
         assert [answer.cached for answer in answers] == [False, False, True]
         assert [doc["signature"]["created"] for doc in inner.seen] == [1, 2]
+
+
+class TestRecheck:
+    async def test_recheck_serves_nothing_until_the_engine_confirms(self) -> None:
+        """After recheck() a hit waits for the revision check; an engine down fails closed."""
+        inner = ScriptedEngine()
+        down = False
+
+        async def probe() -> str:
+            if down:
+                raise PolicyEngineError("ClientConnectorError")
+            return inner.revision
+
+        engine = CachingEngine(
+            inner, PolicyCacheConfig(revision_check_s=3600), scope="s", revision_probe=probe
+        )
+        await engine.decide(ECHO_GET, "d-1")
+        assert (await engine.decide(ECHO_GET, "d-2")).cached is True  # checked: r1
+        down = True
+        assert (await engine.decide(ECHO_GET, "d-3")).cached is True  # no check due yet
+        flushes = engine.stats().flushes
+        engine.recheck()
+        answer = await engine.decide(ECHO_GET, "d-4")  # the check fails: emptied, engine asked
+        assert (answer.cached, inner.calls) == (False, 2)
+        assert engine.stats().flushes > flushes
+        down = False
+        engine.recheck()
+        assert (await engine.decide(ECHO_GET, "d-5")).cached is True  # same revision: kept
 
 
 class TestCachingEngineRevisions:
@@ -471,6 +502,27 @@ class TestSupervisedDirectory:
         after = await engine.decide(ECHO_GET, "d-4")
         assert (after.allow, after.reasons, after.cached) == (False, ("method_not_allowed",), False)
         assert after.revision == engine.revision == revision
+
+    async def test_exit_is_reported_before_the_restart(
+        self, dir_opa: tuple[LocalOpa, OpaEngine, Path]
+    ) -> None:
+        """on_exit runs when OPA dies (the gateway wires it to the cache's recheck)."""
+        opa, inner, _ = dir_opa
+        exited = asyncio.Event()
+        opa.on_exit.append(exited.set)
+        pid = opa.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.wait_for(exited.wait(), 15)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while True:  # restarted with the same bundle
+            with contextlib.suppress(PolicyEngineError):
+                if (await inner.decide(ECHO_GET, "d")).allow:
+                    break
+            assert loop.time() < deadline, "not restarted"
+            await asyncio.sleep(0.05)
+        assert opa.pid not in (None, pid)
 
     async def test_a_broken_edit_keeps_the_last_good_policy(
         self, dir_opa: tuple[LocalOpa, OpaEngine, Path]

@@ -261,6 +261,17 @@ class CachingEngine:
         )
         return dropped
 
+    def recheck(self) -> None:
+        """Confirm the revision with the engine before the next hit.
+
+        For an engine known to have gone away (the supervised OPA exited):
+        until the check succeeds nothing is served from memory, and if the
+        engine is still down the check fails, empties the cache and the
+        request fails closed. A restarted engine on the same revision keeps
+        the entries.
+        """
+        self._checked_at = float("-inf")
+
     def stats(self) -> CacheStats:
         return CacheStats(
             revision=self.revision,

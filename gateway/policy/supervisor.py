@@ -40,6 +40,7 @@ import logging
 import os
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -157,6 +158,8 @@ class LocalOpa:
         self._stopping = False
         #: The revision of the policy directory's bundle last built ("" before).
         self.revision = ""
+        #: Called as soon as OPA exits unexpectedly (before it is restarted).
+        self.on_exit: list[Callable[[], None]] = []
 
     @property
     def _built_bundle(self) -> Path:
@@ -339,6 +342,8 @@ class LocalOpa:
             if self._stopping:
                 return
             _log.error("local OPA exited; restarting", extra={"exit_status": status})
+            for callback in self.on_exit:
+                callback()
             await asyncio.sleep(backoff)
             try:
                 await self._spawn()
