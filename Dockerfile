@@ -30,6 +30,7 @@ COPY egress ./egress
 COPY registry ./registry
 COPY bus ./bus
 COPY audit ./audit
+COPY problemjson ./problemjson
 RUN /opt/nops/bin/pip install --no-cache-dir -c constraints.txt . && rm -rf /root/.cache
 
 FROM python:3.11.14-slim-bookworm

@@ -25,8 +25,7 @@ the message's payload.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from problemjson import ProblemError
 
 __all__ = [
     "BusError",
@@ -45,26 +44,8 @@ __all__ = [
 ]
 
 
-class BusError(Exception):
+class BusError(ProblemError):
     """Base of every error that ends a bus request with a problem response."""
-
-    code: ClassVar[str] = "internal-error"
-    status: ClassVar[int] = 500
-    title: ClassVar[str] = "Internal error"
-
-    def __init__(
-        self,
-        detail: str | None = None,
-        *,
-        reasons: Sequence[str] = (),
-        extra: Mapping[str, Any] | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(detail or self.title)
-        self.detail = detail or self.title
-        self.reasons = tuple(reasons)
-        self.extra = dict(extra or {})
-        self.headers = dict(headers or {})
 
 
 class MalformedRequest(BusError):

@@ -1,21 +1,22 @@
 """RFC 9457 problem details for the bus, in the gateway's shape.
 
 ``{"type": "urn:nops:bus:problem:<code>", "title", "status", "detail",
-"request_id", ["reasons"], ...extra}`` with ``application/problem+json``.
+"request_id", ["reasons"], ...extra}`` with ``application/problem+json``,
+built by the services' shared :mod:`problemjson`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Final
 
-import orjson
 from aiohttp import web
 
+import problemjson
 from bus.errors import BusError
+from problemjson import PROBLEM_CONTENT_TYPE
 
 __all__ = ["PROBLEM_CONTENT_TYPE", "PROBLEM_TYPE_BASE", "problem_response", "problem_type"]
 
-PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
 #: ``type`` URIs are stable identifiers, one per error code.
 PROBLEM_TYPE_BASE: Final = "urn:nops:bus:problem:"
 
@@ -25,19 +26,4 @@ def problem_type(code: str) -> str:
 
 
 def problem_response(error: BusError, *, request_id: str) -> web.Response:
-    body: dict[str, Any] = {
-        "type": problem_type(error.code),
-        "title": error.title,
-        "status": error.status,
-        "detail": error.detail,
-        "request_id": request_id,
-    }
-    if error.reasons:
-        body["reasons"] = list(error.reasons)
-    body.update(error.extra)
-    return web.Response(
-        status=error.status,
-        body=orjson.dumps(body),
-        content_type=PROBLEM_CONTENT_TYPE,
-        headers=error.headers,
-    )
+    return problemjson.problem_response(error, request_id=request_id, type_base=PROBLEM_TYPE_BASE)

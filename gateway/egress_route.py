@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
 import ssl
 from collections.abc import Mapping
@@ -272,11 +271,9 @@ class EgressRouter:
         breaker = self.breakers.get(destination.name, label=destination.name)
         ticket = breaker.allow()
         if ticket is None:
-            retry_after = str(max(math.ceil(breaker.retry_in), 1))
-            return CircuitOpen(
+            return CircuitOpen.retry_in(
                 f"the circuit of {destination.name} is open; the request was not sent",
-                reasons=("circuit_open",),
-                headers={"Retry-After": retry_after},
+                breaker.retry_in,
             ), False
         try:
             checked = await self.guard.check(

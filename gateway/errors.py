@@ -40,8 +40,9 @@ to the client verbatim.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+import math
+
+from problemjson import ProblemError
 
 __all__ = [
     "AdminForbidden",
@@ -75,26 +76,8 @@ __all__ = [
 ]
 
 
-class GatewayError(Exception):
+class GatewayError(ProblemError):
     """Base of every error that ends a request with a problem response."""
-
-    code: ClassVar[str] = "internal-error"
-    status: ClassVar[int] = 500
-    title: ClassVar[str] = "Internal error"
-
-    def __init__(
-        self,
-        detail: str | None = None,
-        *,
-        reasons: Sequence[str] = (),
-        extra: Mapping[str, Any] | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(detail or self.title)
-        self.detail = detail or self.title
-        self.reasons = tuple(reasons)
-        self.extra = dict(extra or {})
-        self.headers = dict(headers or {})
 
 
 class MalformedRequest(GatewayError):
@@ -256,6 +239,12 @@ class CircuitOpen(GatewayError):
     code = "circuit-open"
     status = 503
     title = "Upstream circuit open"
+
+    @classmethod
+    def retry_in(cls, detail: str, seconds: float) -> CircuitOpen:
+        """Reason ``circuit_open``; Retry-After: ``seconds`` rounded up, at least 1."""
+        retry_after = str(max(math.ceil(seconds), 1))
+        return cls(detail, reasons=("circuit_open",), headers={"Retry-After": retry_after})
 
 
 class UpstreamUnavailable(GatewayError):

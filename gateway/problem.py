@@ -1,17 +1,21 @@
-"""RFC 9457 problem details: the only place errors become HTTP responses."""
+"""RFC 9457 problem details: the only place errors become HTTP responses.
+
+The body and the base class are shared with the bus and the registry
+(:mod:`problemjson`); the gateway's ``type`` is ``urn:nops:gateway:problem:<code>``.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Final
 
-import orjson
 from aiohttp import web
 
+import problemjson
 from gateway.errors import GatewayError
+from problemjson import PROBLEM_CONTENT_TYPE
 
 __all__ = ["PROBLEM_CONTENT_TYPE", "PROBLEM_TYPE_BASE", "problem_response", "problem_type"]
 
-PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
 #: ``type`` URIs are stable identifiers, one per error code.
 PROBLEM_TYPE_BASE: Final = "urn:nops:gateway:problem:"
 
@@ -21,20 +25,4 @@ def problem_type(code: str) -> str:
 
 
 def problem_response(error: GatewayError, *, request_id: str) -> web.Response:
-    body: dict[str, Any] = {
-        "type": problem_type(error.code),
-        "title": error.title,
-        "status": error.status,
-        "detail": error.detail,
-        "request_id": request_id,
-    }
-    if error.reasons:
-        body["reasons"] = list(error.reasons)
-    body.update(error.extra)
-    response = web.Response(
-        status=error.status,
-        body=orjson.dumps(body),
-        content_type=PROBLEM_CONTENT_TYPE,
-        headers=error.headers,
-    )
-    return response
+    return problemjson.problem_response(error, request_id=request_id, type_base=PROBLEM_TYPE_BASE)

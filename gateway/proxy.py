@@ -65,12 +65,29 @@ _REWRITTEN: Final = frozenset(
         "Signature-Input",
     )
 )
+# Dropped from every request sent upstream; with the verified credential too.
+_DROP_UPSTREAM: Final = HOP_BY_HOP | _REWRITTEN
+_DROP_UPSTREAM_AUTH: Final = _DROP_UPSTREAM | {"authorization"}
 _CHUNK: Final = 64 * 1024
 _IDENTITY_PREFIX: Final = "x-nops-"
 
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class _ProxiedResponse(web.StreamResponse):
+    """A streamed response whose status line and headers leave with its first body bytes.
+
+    ``StreamResponse.prepare`` normally sends the headers on their own; held
+    until the first ``write`` (or ``write_eof``), a small answer goes out in one
+    socket write instead of two or three. Only when they are sent changes:
+    :meth:`ReverseProxy._relay` prepares the response once the first body bytes
+    have arrived and writes them at once. (A private aiohttp switch, the one
+    ``web.Response`` sets; if it went away, headers would simply go out first.)
+    """
+
+    _send_headers_immediately = False
 
 
 class _CappedBody:
@@ -118,16 +135,7 @@ class ReverseProxy:
             body = _CappedBody(request, self._max_body)
             data = body.chunks()
         try:
-            with operation("upstream", route.name):
-                upstream = await self._session.request(
-                    request.method,
-                    url,
-                    headers=_upstream_headers(ctx, url, self._trusted),
-                    data=data,
-                    timeout=timeout,
-                    allow_redirects=False,
-                    auto_decompress=False,
-                )
+            upstream = await self._request(ctx, url, route.name, data, timeout)
         except (_BodyTooLarge, aiohttp.ClientError, TimeoutError) as exc:
             # The body cap surfaces as whatever aiohttp wraps it in; check it first.
             if body is not None and body.exceeded:
@@ -159,12 +167,24 @@ class ReverseProxy:
         that choose the target themselves and may retry (:mod:`gateway.agents`);
         they :meth:`relay` the answer and release it.
         """
-        with operation("upstream", ctx.route.name if ctx.route is not None else ""):
+        route_name = ctx.route.name if ctx.route is not None else ""
+        return await self._request(ctx, url, route_name, body, limits)
+
+    async def _request(
+        self,
+        ctx: RequestContext,
+        url: yarl.URL,
+        route_name: str,
+        data: bytes | AsyncIterator[bytes] | None,
+        limits: aiohttp.ClientTimeout,
+    ) -> aiohttp.ClientResponse:
+        """The one upstream call: our headers, no redirects followed, the body as sent."""
+        with operation("upstream", route_name):
             return await self._session.request(
                 ctx.request.method,
                 url,
                 headers=_upstream_headers(ctx, url, self._trusted),
-                data=body,
+                data=data,
                 timeout=limits,
                 allow_redirects=False,
                 auto_decompress=False,
@@ -182,9 +202,11 @@ class ReverseProxy:
         self, ctx: RequestContext, upstream: aiohttp.ClientResponse, route: RouteConfig
     ) -> web.StreamResponse:
         ctx.upstream_status = upstream.status
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for name, value in _response_headers(upstream.headers).items():
-            response.headers.add(name, value)
+        response = _ProxiedResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=_response_headers(upstream.headers),
+        )
         try:
             first = await upstream.content.readany()
         except TimeoutError:
@@ -244,15 +266,16 @@ def _upstream_headers(
 ) -> CIMultiDict[str]:
     request = ctx.request
     route = ctx.route
-    drop = HOP_BY_HOP | _REWRITTEN | _connection_tokens(request.headers)
-    if route is not None and route.auth != "none" and not route.forward_authorization:
-        drop = drop | {"authorization"}
-    headers: CIMultiDict[str] = CIMultiDict(
-        (k, v)
-        for k, v in request.headers.items()
+    strip_auth = route is not None and route.auth != "none" and not route.forward_authorization
+    drop = _DROP_UPSTREAM_AUTH if strip_auth else _DROP_UPSTREAM
+    if hdrs.CONNECTION in request.headers:
+        drop = drop | _connection_tokens(request.headers)
+    headers: CIMultiDict[str] = CIMultiDict()
+    for k, v in request.headers.items():
+        name = k.lower()
         # SECURITY: X-Nops-* is the gateway's word to the upstream, never the caller's.
-        if k.lower() not in drop and not k.lower().startswith(_IDENTITY_PREFIX)
-    )
+        if name not in drop and not name.startswith(_IDENTITY_PREFIX):
+            headers.add(k, v)
     _add_identity(headers, ctx)
     forwarded_for = request.headers.get(hdrs.X_FORWARDED_FOR)
     if forwarded_for and request.remote in trusted:
@@ -283,5 +306,5 @@ def _add_identity(headers: CIMultiDict[str], ctx: RequestContext) -> None:
 
 
 def _response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    drop = HOP_BY_HOP | _connection_tokens(headers)
+    drop = HOP_BY_HOP | _connection_tokens(headers) if hdrs.CONNECTION in headers else HOP_BY_HOP
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)

@@ -42,6 +42,7 @@ import orjson
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
+from problemjson import PROBLEM_CONTENT_TYPE, problem_response
 from registry.db import STORE_ERRORS, create_pool
 from registry.errors import (
     AdminRequired,
@@ -61,6 +62,7 @@ from registry.errors import (
 from registry.migrate import migrate_up
 from registry.model import (
     STATUSES,
+    Agent,
     Status,
     parse_patch,
     parse_registration,
@@ -71,7 +73,7 @@ from registry.model import (
 from registry.outbox import EventPublisher, HttpBusPublisher, LogPublisher, OutboxRelay
 from registry.settings import ADMIN_KEY_HEADER, TENANT_HEADER, RegistrySettings
 from registry.status import Sweeper
-from registry.store import AgentStore
+from registry.store import AgentPage, AgentStore
 
 __all__ = [
     "PROBLEM_CONTENT_TYPE",
@@ -85,7 +87,6 @@ __all__ = [
 
 _log = logging.getLogger("registry.request")
 
-PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
 PROBLEM_TYPE_BASE: Final = "urn:nops:registry:problem:"
 
 SETTINGS: Final = web.AppKey("settings", RegistrySettings)
@@ -208,27 +209,21 @@ async def _register(request: web.Request) -> web.Response:
 async def _get(request: web.Request) -> web.Response:
     tenant = _tenant(request)
     agent_id = _agent_id(request)
-    agent = await request.app[STORE].get(tenant, agent_id)
-    if agent is None:
-        raise _not_found(agent_id)
-    return _json(agent.to_json())
+    return _agent_json(await request.app[STORE].get(tenant, agent_id), agent_id)
 
 
 async def _list(request: web.Request) -> web.Response:
     tenant = _tenant(request)
     query = _query(request, _LIST_PARAMS)
     page = await request.app[STORE].list_agents(tenant, **query)
-    return _json({"agents": [a.to_json() for a in page.agents], "next_cursor": page.next_cursor})
+    return _page_json(page)
 
 
 async def _patch(request: web.Request) -> web.Response:
     tenant = _tenant(request)
     agent_id = _agent_id(request)
     changes = parse_patch(await _body(request), request.app[SETTINGS].limits)
-    agent = await request.app[STORE].update(tenant, agent_id, changes)
-    if agent is None:
-        raise _not_found(agent_id)
-    return _json(agent.to_json())
+    return _agent_json(await request.app[STORE].update(tenant, agent_id, changes), agent_id)
 
 
 async def _delete(request: web.Request) -> web.Response:
@@ -242,10 +237,7 @@ async def _delete(request: web.Request) -> web.Response:
 async def _heartbeat(request: web.Request) -> web.Response:
     tenant = _tenant(request)
     agent_id = _agent_id(request)
-    agent = await request.app[STORE].heartbeat(tenant, agent_id)
-    if agent is None:
-        raise _not_found(agent_id)
-    return _json(agent.to_json())
+    return _agent_json(await request.app[STORE].heartbeat(tenant, agent_id), agent_id)
 
 
 async def _admin_list(request: web.Request) -> web.Response:
@@ -253,7 +245,7 @@ async def _admin_list(request: web.Request) -> web.Response:
     query = _query(request, _ADMIN_LIST_PARAMS)
     tenant = query.pop("tenant", None)
     page = await request.app[STORE].list_all(tenant=tenant, **query)
-    return _json({"agents": [a.to_json() for a in page.agents], "next_cursor": page.next_cursor})
+    return _page_json(page)
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -303,6 +295,17 @@ def _agent_id(request: web.Request) -> str:
 
 def _not_found(agent_id: str) -> AgentNotFound:
     return AgentNotFound(f"no agent {agent_id!r} in this tenant", field="id")
+
+
+def _agent_json(agent: Agent | None, agent_id: str) -> web.Response:
+    """The agent as JSON; :class:`AgentNotFound` if there is none."""
+    if agent is None:
+        raise _not_found(agent_id)
+    return _json(agent.to_json())
+
+
+def _page_json(page: AgentPage) -> web.Response:
+    return _json({"agents": [a.to_json() for a in page.agents], "next_cursor": page.next_cursor})
 
 
 async def _body(request: web.Request) -> Any:
@@ -423,17 +426,4 @@ def _from_http(exc: web.HTTPException) -> RegistryError:
 
 
 def _problem(error: RegistryError, request_id: str) -> web.Response:
-    body: dict[str, Any] = {
-        "type": PROBLEM_TYPE_BASE + error.code,
-        "title": error.title,
-        "status": error.status,
-        "detail": error.detail,
-        "request_id": request_id,
-    }
-    if error.field is not None:
-        body["field"] = error.field
-    if error.reasons:
-        body["reasons"] = list(error.reasons)
-    return web.Response(
-        status=error.status, body=orjson.dumps(body), content_type=PROBLEM_CONTENT_TYPE
-    )
+    return problem_response(error, request_id=request_id, type_base=PROBLEM_TYPE_BASE)

@@ -33,7 +33,9 @@ Every error carries a stable ``code`` (it becomes the problem ``type``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any
+
+from problemjson import ProblemError
 
 __all__ = [
     "AdminRequired",
@@ -60,21 +62,21 @@ __all__ = [
 ]
 
 
-class RegistryError(Exception):
+class RegistryError(ProblemError):
     """Base of every error that ends a registry request with a problem response."""
-
-    code: ClassVar[str] = "internal-error"
-    status: ClassVar[int] = 500
-    title: ClassVar[str] = "Internal error"
 
     def __init__(
         self, detail: str | None = None, *, field: str | None = None, reasons: Sequence[str] = ()
     ) -> None:
-        super().__init__(detail or self.title)
-        self.detail = detail or self.title
+        super().__init__(detail, reasons=reasons)
         #: The request field or query parameter at fault, if one is.
         self.field = field
-        self.reasons = tuple(reasons)
+
+    def problem_members(self) -> dict[str, Any]:
+        """``field`` (if one is at fault) before the shared members."""
+        members: dict[str, Any] = {} if self.field is None else {"field": self.field}
+        members.update(super().problem_members())
+        return members
 
 
 class MalformedBody(RegistryError):

@@ -34,6 +34,7 @@ import asyncpg
 import orjson
 
 from registry.db import STORE_ERRORS, Conn
+from registry.loop import BackgroundLoop
 from registry.model import Agent, utc
 
 __all__ = [
@@ -171,8 +172,10 @@ async def enqueue(conn: Conn, event: Mapping[str, Any], *, topic: str, now: floa
     )
 
 
-class OutboxRelay:
+class OutboxRelay(BackgroundLoop):
     """Drains the outbox to a publisher, oldest first, with backoff while it fails."""
+
+    task_name = "registry-outbox-relay"
 
     def __init__(
         self,
@@ -186,6 +189,7 @@ class OutboxRelay:
         backoff_max_s: float = 30.0,
         rng: random.Random | None = None,
     ) -> None:
+        super().__init__()
         self._pool = pool
         self._publisher = publisher
         self._clock = clock
@@ -195,7 +199,6 @@ class OutboxRelay:
         self._max = backoff_max_s
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
         """Drain soon: an event was just committed."""
@@ -275,21 +278,6 @@ class OutboxRelay:
             str(exc),
             utc(now) + timedelta(seconds=delay),
         )
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="registry-outbox-relay")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -13,7 +13,6 @@ request holds (``FOR UPDATE SKIP LOCKED``), so it never blocks a request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import Final
 import asyncpg
 
 from registry.db import STORE_ERRORS
+from registry.loop import BackgroundLoop
 from registry.model import Status, utc
 
 __all__ = ["DEFAULT_STATUS_POLICY", "StatusPolicy", "Sweeper"]
@@ -84,8 +84,10 @@ RETURNING a.status
 """
 
 
-class Sweeper:
+class Sweeper(BackgroundLoop):
     """Moves stored statuses along as heartbeats age; one task per process."""
+
+    task_name = "registry-sweeper"
 
     def __init__(
         self,
@@ -96,12 +98,12 @@ class Sweeper:
         interval_s: float = 1.0,
         batch_size: int = 500,
     ) -> None:
+        super().__init__()
         self._pool = pool
         self._policy = policy
         self._clock = clock
         self._interval = interval_s
         self._batch = batch_size
-        self._task: asyncio.Task[None] | None = None
 
     async def sweep_once(self) -> dict[str, int]:
         """Bring every due agent's stored status up to date; counts by new status."""
@@ -117,21 +119,6 @@ class Sweeper:
         if moved:
             _log.info("agent statuses swept", extra={"moved": moved})
         return moved
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="registry-sweeper")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -107,29 +107,25 @@ class AgentStore:
     async def register(self, tenant: str, spec: AgentSpec) -> Agent:
         """Insert a new agent (healthy, heartbeat now); :class:`AgentExists` if the id is taken."""
         now = self._clock()
-        moment = utc(now)
-        async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                "INSERT INTO registry.agents (tenant, id, name, version, capabilities,"
-                " endpoint_url, status, heartbeat_at, labels, weight, created_at, updated_at)"
-                " VALUES ($3, $4, $5, $6, $7, $8, 'healthy', $9, $10, $11, $9, $9)"
-                f" ON CONFLICT (tenant, id) DO NOTHING RETURNING {_COLUMNS}",
-                *self._policy.thresholds(now),
-                tenant,
-                spec.id,
-                spec.name or spec.id,
-                spec.version,
-                list(spec.capabilities),
-                spec.endpoint_url,
-                moment,
-                dict(spec.labels),
-                spec.weight,
-            )
-            if row is None:
-                raise AgentExists(f"agent {spec.id!r} is already registered", field="id")
-            agent = _agent(row)
-            await self._event(conn, "agent.registered", agent, now)
-        self._on_event()
+        agent = await self._change(
+            "agent.registered",
+            "INSERT INTO registry.agents (tenant, id, name, version, capabilities,"
+            " endpoint_url, status, heartbeat_at, labels, weight, created_at, updated_at)"
+            " VALUES ($3, $4, $5, $6, $7, $8, 'healthy', $9, $10, $11, $9, $9)"
+            f" ON CONFLICT (tenant, id) DO NOTHING RETURNING {_COLUMNS}",
+            now,
+            tenant,
+            spec.id,
+            spec.name or spec.id,
+            spec.version,
+            list(spec.capabilities),
+            spec.endpoint_url,
+            utc(now),
+            dict(spec.labels),
+            spec.weight,
+        )
+        if agent is None:
+            raise AgentExists(f"agent {spec.id!r} is already registered", field="id")
         return agent
 
     async def get(self, tenant: str, agent_id: str) -> Agent | None:
@@ -224,56 +220,57 @@ class AgentStore:
             for c in columns
         ]
         assignments = ", ".join(f"{name} = ${index}" for index, name in enumerate(columns, 6))
-        async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                f"UPDATE registry.agents SET {assignments}, updated_at = $5"
-                f" WHERE tenant = $3 AND id = $4 RETURNING {_COLUMNS}",
-                *self._policy.thresholds(now),
-                tenant,
-                agent_id,
-                utc(now),
-                *values,
-            )
-            if row is None:
-                return None
-            agent = _agent(row)
-            await self._event(conn, "agent.updated", agent, now)
-        self._on_event()
-        return agent
+        return await self._change(
+            "agent.updated",
+            f"UPDATE registry.agents SET {assignments}, updated_at = $5"
+            f" WHERE tenant = $3 AND id = $4 RETURNING {_COLUMNS}",
+            now,
+            tenant,
+            agent_id,
+            utc(now),
+            *values,
+        )
 
     async def heartbeat(self, tenant: str, agent_id: str) -> Agent | None:
         """Record a heartbeat now: the agent is healthy again. None if unknown."""
         now = self._clock()
-        async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                "UPDATE registry.agents SET heartbeat_at = $5, status = 'healthy'"
-                f" WHERE tenant = $3 AND id = $4 RETURNING {_COLUMNS}",
-                *self._policy.thresholds(now),
-                tenant,
-                agent_id,
-                utc(now),
-            )
-            if row is None:
-                return None
-            agent = _agent(row)
-            await self._event(conn, "agent.heartbeat", agent, now)
-        self._on_event()
-        return agent
+        return await self._change(
+            "agent.heartbeat",
+            "UPDATE registry.agents SET heartbeat_at = $5, status = 'healthy'"
+            f" WHERE tenant = $3 AND id = $4 RETURNING {_COLUMNS}",
+            now,
+            tenant,
+            agent_id,
+            utc(now),
+        )
 
     async def deregister(self, tenant: str, agent_id: str) -> Agent | None:
         """Delete the agent; the record as it was, or None if unknown."""
-        now = self._clock()
+        return await self._change(
+            "agent.deregistered",
+            f"DELETE FROM registry.agents WHERE tenant = $3 AND id = $4 RETURNING {_COLUMNS}",
+            self._clock(),
+            tenant,
+            agent_id,
+        )
+
+    async def _change(
+        self, event_type: str, statement: str, now: float, tenant: str, agent_id: str, *values: Any
+    ) -> Agent | None:
+        """Run ``statement`` on one agent and enqueue its outbox event, in one transaction.
+
+        The statement binds the stale and zombie thresholds as $1 and $2, the tenant
+        as $3, the agent id as $4 and ``values`` from $5, and returns ``_COLUMNS``.
+        None (and no event) if it returns no row.
+        """
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                f"DELETE FROM registry.agents WHERE tenant = $3 AND id = $4 RETURNING {_COLUMNS}",
-                *self._policy.thresholds(now),
-                tenant,
-                agent_id,
+                statement, *self._policy.thresholds(now), tenant, agent_id, *values
             )
             if row is None:
                 return None
             agent = _agent(row)
-            await self._event(conn, "agent.deregistered", agent, now)
+            await self._event(conn, event_type, agent, now)
         self._on_event()
         return agent
 

@@ -38,7 +38,9 @@ OPA_BINARY = TOOLS_BIN / "opa"
 POLICY_DIR = ROOT / "policies" / "rego"
 TEST_POLICY_DIR = ROOT / "tests" / "fixtures" / "rego"
 
-GatewayFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+# A client of a test gateway: its ``app`` is the gateway's web.Application.
+GatewayClient = TestClient[web.Request, web.Application]
+GatewayFactory = Callable[..., Awaitable[GatewayClient]]
 
 
 class GatewayTestServer(TestServer):
@@ -316,7 +318,7 @@ async def make_gateway(
 
     Each gateway gets its own audit directory unless ``audit`` names one.
     """
-    clients: list[TestClient[Any, Any]] = []
+    clients: list[GatewayClient] = []
     upstream_url = str(upstream.make_url("")).rstrip("/")
 
     async def factory(
@@ -325,7 +327,7 @@ async def make_gateway(
         sign_as: str | None = None,
         span_exporter: Any = None,
         **sections: Any,
-    ) -> TestClient[Any, Any]:
+    ) -> GatewayClient:
         """``sign_as`` (a keyid of TEST_SECRETS): the client signs every request with it.
 
         ``span_exporter`` turns tracing on into it. Metrics stay off unless
@@ -338,11 +340,11 @@ async def make_gateway(
             audit.setdefault("spool_path", str(audit_dir / "spool.jsonl"))
         sections = {**sections, "audit": audit}
         config = gateway_config(opa.url, upstream_url, **sections)
-        middlewares = ()
+        middlewares: tuple[aiohttp.ClientMiddlewareType, ...] = ()
         if sign_as is not None:
             signer = signing_middleware(keyid=sign_as, secret=TEST_SECRETS[sign_as], clock=clock)
             middlewares = (signer,)
-        client: TestClient[Any, Any] = TestClient(
+        client = TestClient(
             GatewayTestServer(
                 create_app(config, clock=clock, span_exporter=span_exporter), host="127.0.0.1"
             ),
@@ -358,7 +360,7 @@ async def make_gateway(
 
 
 @pytest.fixture
-async def gateway(make_gateway: GatewayFactory) -> TestClient[Any, Any]:
+async def gateway(make_gateway: GatewayFactory) -> GatewayClient:
     """A gateway with the default test config."""
     return await make_gateway()
 

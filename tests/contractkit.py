@@ -14,7 +14,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import hypothesis
 import schemathesis
@@ -27,6 +27,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 from schemathesis.specs.openapi.schemas import OpenApiSchema
+
+if TYPE_CHECKING:
+    # schemathesis names the type of an OpenAPI case for type checkers only.
+    from schemathesis.specs.openapi.schemas import OpenApiCase
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 GATEWAY_DOC: Final = ROOT / "gateway" / "openapi" / "gateway.json"
@@ -102,14 +106,14 @@ def run_stateful(schema: OpenApiSchema, base_url: str) -> list[Step]:
     machine: Any = schema.as_state_machine()
     steps: list[Step] = []
 
-    class Machine(machine):  # type: ignore[misc, valid-type]
+    class Machine(machine):  # type: ignore[misc]  # schemathesis builds the base at run time
         def setup(self) -> None:
             self.tenant = "c" + uuid.uuid4().hex[:16]
 
-        def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
+        def get_call_kwargs(self, case: OpenApiCase) -> dict[str, Any]:
             return {"base_url": base_url, "headers": {"X-Nops-Tenant": self.tenant}}
 
-        def after_call(self, response: Any, case: schemathesis.Case) -> None:
+        def after_call(self, response: Any, case: OpenApiCase) -> None:
             super().after_call(response, case)
             try:
                 body = response.json()
@@ -118,7 +122,7 @@ def run_stateful(schema: OpenApiSchema, base_url: str) -> list[Step]:
             operation = case.operation.definition.raw["operationId"]
             steps.append(Step(operation, response.status_code, body))
 
-        def validate_response(self, response: Any, case: schemathesis.Case, **kwargs: Any) -> None:
+        def validate_response(self, response: Any, case: OpenApiCase, **kwargs: Any) -> None:
             case.validate_response(response, checks=CHECKS, transport_kwargs=kwargs)
 
     Machine.run(settings=STATEFUL_SETTINGS)

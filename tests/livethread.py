@@ -80,9 +80,7 @@ async def _served(
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        server = site._server  # the bound port of a port-0 site
-        assert server is not None
-        port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        port = runner.addresses[0][1]  # the bound port of the port-0 site
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()

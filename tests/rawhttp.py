@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from aiohttp.test_utils import TestClient
 
 
-async def raw_request(client: TestClient, data: bytes) -> tuple[int, dict[str, str], bytes]:  # type: ignore[type-arg]
+async def raw_request(
+    client: TestClient[Any, Any], data: bytes
+) -> tuple[int, dict[str, str], bytes]:
     """Write ``data`` to the gateway and parse the status, headers and body it answers."""
     reader, writer = await asyncio.open_connection(client.host, client.port)
     try:

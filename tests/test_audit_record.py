@@ -104,8 +104,9 @@ class TestHashes:
     )
     def test_sealed_line_is_the_canonical_stored_form(self, changes: dict[str, Any]) -> None:
         """The line written to disk is JCS of the document, hash included, plus a newline."""
+        summary: dict[str, Any] = {"outcome": "summary"} if "counts" in changes else {}
         sealed = Record.seal(
-            entry(**({"outcome": "summary"} if "counts" in changes else {}), **changes),
+            entry(**summary, **changes),
             seq=1,
             chain_id="c",
             ts="t",
@@ -138,7 +139,7 @@ class TestHashes:
 
     def test_input_digest_is_plain_sha256_of_jcs(self) -> None:
         """Anyone with the policy input recomputes the digest with sha256sum."""
-        document = {"version": 1, "request": {"path": "/x", "method": "GET"}}
+        document: dict[str, Any] = {"version": 1, "request": {"path": "/x", "method": "GET"}}
         assert digest_document(document) == hashlib.sha256(rfc8785.dumps(document)).hexdigest()
 
 

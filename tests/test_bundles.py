@@ -187,7 +187,7 @@ class TestSupervisedBundle:
         lines = [r for r in caplog.records if r.name == "gateway.request"]
         revision: str = lines[-1].__dict__["policy_revision"]
         assert revision == f"nops={manifest(bundle)['revision']}"
-        stack = client.server.app[POLICY_STACK]
+        stack = client.app[POLICY_STACK]
         assert stack.cache is not None
         assert stack.cache.revision == revision
 

@@ -9,7 +9,7 @@ import pytest
 import redis.exceptions
 from redis.asyncio import Redis
 
-from bus.pipelining import AutoPipeline
+from bus.pipelining import AutoPipeline, Queue
 from tests.services import RedisService
 
 
@@ -24,9 +24,11 @@ class TestAutoPipeline:
     async def test_concurrent_commands_share_round_trips(self, client: Redis, tenant: str) -> None:
         """100 concurrent commands each get their own reply in far fewer round trips."""
         pipeline = AutoPipeline(client)
-        replies = await asyncio.gather(
-            *(pipeline.call(lambda pipe, n=n: pipe.incrby(f"{tenant}:n", n)) for n in range(100))
-        )
+
+        def increment(n: int) -> Queue:
+            return lambda pipe: pipe.incrby(f"{tenant}:n", n)
+
+        replies = await asyncio.gather(*(pipeline.call(increment(n)) for n in range(100)))
         assert sorted(replies)[-1] == sum(range(100))
         assert len(set(replies)) == 100
         assert pipeline.flushes < 20

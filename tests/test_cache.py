@@ -107,8 +107,11 @@ class TestCacheKey:
     )
     def test_key_changes_with(self, other: Mapping[str, Any], kwargs: dict[str, str]) -> None:
         """Input, revision and decision path are all part of the key."""
-        base = {"revision": "r1", "scope": "nops/authz/decision"}
-        assert cache_key(ECHO_GET, **base) != cache_key(other, **{**base, **kwargs})
+        revision, scope = "r1", "nops/authz/decision"
+        changed = {"revision": revision, "scope": scope, **kwargs}
+        assert cache_key(ECHO_GET, revision=revision, scope=scope) != cache_key(
+            other, revision=changed["revision"], scope=changed["scope"]
+        )
 
     def test_excluded_path_leaves_the_key(self) -> None:
         """key_exclude drops a path (and only it) without changing the document."""
@@ -265,7 +268,7 @@ class TestCachingEngineRevisions:
         """decision_undefined / decision_ill_typed are asked again every time."""
 
         class Undefined(ScriptedEngine):
-            async def decide(self, document: Mapping[str, Any], decision_id: str) -> Decision:  # type: ignore[override]
+            async def decide(self, document: Mapping[str, Any], decision_id: str) -> Decision:
                 self.calls += 1
                 return Decision(decision_id, False, (REASON_UNDEFINED,), {}, "r1")
 
@@ -565,11 +568,11 @@ class TestGatewayCache:
         )
         statuses = [(await client.get("/echo/x")).status for _ in range(3)]
         assert statuses == [200, 200, 200]
-        counts = client.server.app[METRICS].decision_cache
+        counts = client.app[METRICS].decision_cache
         assert (counts["miss"], counts["hit"]) == (1, 2)
 
     async def test_cache_can_be_disabled(self, make_gateway: GatewayFactory) -> None:
         """policy.cache.enabled = false: every request asks OPA."""
         client = await make_gateway(policy={"cache": {"enabled": False}})
         assert (await client.get("/echo/x")).status == 200
-        assert client.server.app[METRICS].decision_cache == {}
+        assert client.app[METRICS].decision_cache == {}

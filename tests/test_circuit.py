@@ -23,6 +23,11 @@ def _breaker(clock: Clock, **kwargs: int | float) -> CircuitBreaker:
     return CircuitBreaker(clock=clock, **settings)  # type: ignore[arg-type]
 
 
+def _state(breaker: CircuitBreaker) -> CircuitState:
+    """The breaker's state read afresh: mypy keeps ``breaker.state`` narrowed across calls."""
+    return breaker.state
+
+
 def _fail(breaker: CircuitBreaker, times: int) -> None:
     for _ in range(times):
         ticket = breaker.allow()
@@ -36,9 +41,9 @@ class TestCircuitBreaker:
         clock = Clock()
         breaker = _breaker(clock)
         _fail(breaker, 2)
-        assert breaker.state is CircuitState.CLOSED
+        assert _state(breaker) is CircuitState.CLOSED
         _fail(breaker, 1)
-        assert breaker.state is CircuitState.OPEN
+        assert _state(breaker) is CircuitState.OPEN
         assert breaker.allow() is None
 
     def test_success_resets_the_count(self) -> None:
@@ -50,7 +55,7 @@ class TestCircuitBreaker:
         assert ticket is not None
         breaker.success(ticket)
         _fail(breaker, 2)
-        assert breaker.state is CircuitState.CLOSED
+        assert _state(breaker) is CircuitState.CLOSED
         assert breaker.failures == 2
 
     @pytest.mark.parametrize(
@@ -69,13 +74,13 @@ class TestCircuitBreaker:
         clock.now += 9.9
         assert breaker.allow() is None
         clock.now += 0.1
-        assert breaker.state is CircuitState.HALF_OPEN
+        assert _state(breaker) is CircuitState.HALF_OPEN
         trial = breaker.allow()
         assert trial is not None
         assert trial.trial
         assert breaker.allow() is None  # one trial at a time
         getattr(breaker, trial_outcome)(trial)
-        assert breaker.state is state_after
+        assert _state(breaker) is state_after
 
     def test_reopened_circuit_waits_open_s_again(self) -> None:
         """A failed trial restarts the open period from the failure."""
@@ -113,14 +118,14 @@ class TestCircuitBreaker:
         assert slow is not None
         _fail(breaker, 3)
         breaker.success(slow)  # from the closed generation: ignored
-        assert breaker.state is CircuitState.OPEN
+        assert _state(breaker) is CircuitState.OPEN
         clock.now += 10
         trial = breaker.allow()
         assert trial is not None
         breaker.failure(Ticket(generation=0, trial=False))  # stale: ignored
-        assert breaker.state is CircuitState.HALF_OPEN
+        assert _state(breaker) is CircuitState.HALF_OPEN
         breaker.success(trial)
-        assert breaker.state is CircuitState.CLOSED
+        assert _state(breaker) is CircuitState.CLOSED
 
     @pytest.mark.parametrize(
         "kwargs",
@@ -161,7 +166,7 @@ class TestCircuitBreaker:
         clock.now += 4.0
         assert breaker.retry_in == 6.0
         clock.now += 6.0
-        assert (breaker.state, breaker.retry_in) == (CircuitState.HALF_OPEN, 0.0)
+        assert (_state(breaker), breaker.retry_in) == (CircuitState.HALF_OPEN, 0.0)
 
 
 class TestCircuitBreakers:

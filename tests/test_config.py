@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import gateway.config
 from gateway.config import DEFAULT_CONFIG, Config, ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,7 +274,7 @@ class TestTypes:
         """dict[str, X] becomes a read-only mapping; X | None takes X."""
         from dataclasses import dataclass
 
-        from gateway.config import _build
+        from gateway.config.loader import _build
 
         @dataclass(frozen=True)
         class Section:
@@ -287,3 +289,48 @@ class TestTypes:
         with pytest.raises(ConfigError) as caught:
             _build(Section, {"limits": {"a": "x"}}, "s")
         assert caught.value.key == "s.limits.a"
+
+    @pytest.mark.parametrize(
+        "name",
+        sorted(
+            name
+            for name in gateway.config.__all__
+            if isinstance(getattr(gateway.config, name), type)
+            and dataclasses.is_dataclass(getattr(gateway.config, name))
+        ),
+    )
+    def test_every_section_resolves_its_annotations(self, name: str) -> None:
+        """The loader reads field types with get_type_hints, in the section's own module.
+
+        A section whose nested types are imported only for type checking
+        would fail here, not at start-up.
+        """
+        section = getattr(gateway.config, name)
+        hints = typing.get_type_hints(section)
+        assert set(hints) == {spec.name for spec in dataclasses.fields(section)}
+
+    def test_nested_sections_build_across_modules(self) -> None:
+        """Tables nested in tables and arrays of tables become their section classes."""
+        config = parse_config(
+            {
+                "policy": {"cache": {"ttl_s": 5}, "shadow": {"enabled": True}},
+                "routes": [
+                    {
+                        "name": "agents",
+                        "prefix": "/agents/",
+                        "kind": "agent",
+                        "agent": {"registry_url": "http://127.0.0.1:9"},
+                    }
+                ],
+                "tenants": [{"id": "acme", "keys": [{"keyid": "k1", "secret_env": "K1"}]}],
+                "ratelimit": {"tiers": {"free": {"tenant": "5/second"}}},
+                "admin": {"keys": [{"id": "a", "role": "VIEWER", "hash": "sha256:" + "0" * 64}]},
+            }
+        )
+        assert isinstance(config.policy.cache, gateway.config.PolicyCacheConfig)
+        assert config.policy.cache.ttl_s == 5.0
+        assert isinstance(config.policy.shadow, gateway.config.PolicyShadowConfig)
+        assert isinstance(config.routes[0].agent, gateway.config.AgentRouteConfig)
+        assert isinstance(config.tenants[0].keys[0], gateway.config.KeyConfig)
+        assert isinstance(config.ratelimit.tiers["free"], gateway.config.RateLimitTierConfig)
+        assert isinstance(config.admin.keys[0], gateway.config.AdminKeyConfig)

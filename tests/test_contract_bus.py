@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
-import schemathesis
 from aiohttp import web
 from schemathesis import GenerationMode
 
@@ -21,6 +21,10 @@ from tests.busfixtures import TEST_LIMITS
 from tests.contractkit import BUS_DOC, CHECKS, SETTINGS, load, run_stateful
 from tests.livethread import LiveServer
 from tests.services import RedisService
+
+if TYPE_CHECKING:
+    # schemathesis names the type of an OpenAPI case for type checkers only.
+    from schemathesis.specs.openapi.schemas import OpenApiCase
 
 positive = load(BUS_DOC, GenerationMode.POSITIVE)
 # Operations without parameters or a body have no invalid form.
@@ -47,14 +51,14 @@ def live_bus(redis_service: RedisService) -> Iterator[LiveServer]:
 
 @positive.parametrize()
 @SETTINGS
-def test_valid_requests(case: schemathesis.Case, live_bus: LiveServer) -> None:
+def test_valid_requests(case: OpenApiCase, live_bus: LiveServer) -> None:
     """Valid requests get documented answers, never a 5xx."""
     case.call_and_validate(base_url=live_bus.url, checks=CHECKS)
 
 
 @negative.parametrize()
 @SETTINGS
-def test_invalid_requests(case: schemathesis.Case, live_bus: LiveServer) -> None:
+def test_invalid_requests(case: OpenApiCase, live_bus: LiveServer) -> None:
     """Invalid requests are refused with a documented 4xx problem, never a 5xx."""
     case.call_and_validate(base_url=live_bus.url, checks=CHECKS)
 

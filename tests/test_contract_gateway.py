@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import requests
 import schemathesis
 from aiohttp import web
 from schemathesis import GenerationMode
+from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from gateway.admin import hash_secret as admin_hash
 from gateway.apikeys import hash_secret as api_key_hash
@@ -30,6 +31,10 @@ from tests.conftest import TEST_SECRETS, OpaProcess, gateway_config
 from tests.contractkit import CHECKS, GATEWAY_DOC, SETTINGS
 from tests.livethread import LiveServer
 
+if TYPE_CHECKING:
+    # schemathesis names the type of an OpenAPI case for type checkers only.
+    from schemathesis.specs.openapi.schemas import OpenApiCase
+
 ADMIN_SECRET = "contract-admin-secret-0123456789"
 API_KEY_SECRET = "contract-agent-secret-0123456789"
 #: ``echo`` is anonymous; ``bus`` (a route the policy data knows: GET and POST for
@@ -38,7 +43,7 @@ API_KEY_SECRET = "contract-agent-secret-0123456789"
 ROUTES = ["echo", "bus"]
 
 
-def _schema(mode: GenerationMode) -> Any:
+def _schema(mode: GenerationMode) -> OpenApiSchema:
     """The gateway's document, with the route names of this test's config."""
     document = json.loads(GATEWAY_DOC.read_text())
     route = document["paths"]["/{route}/{path}"]["parameters"][0]
@@ -65,12 +70,18 @@ class SignAndAuthenticate(requests.auth.AuthBase):
             request.headers["Authorization"] = f"Bearer contract.{ADMIN_SECRET}"
         elif self.credential:
             request.headers["Authorization"] = f"ApiKey contract-agent.{API_KEY_SECRET}"
-        body = request.body if isinstance(request.body, bytes) else (request.body or "").encode()
+        raw = request.body or b""
+        body = raw.encode() if isinstance(raw, str) else raw
+        assert isinstance(body, bytes), "schemathesis sends whole bodies, never streams"
+        headers = [
+            (name, value if isinstance(value, str) else value.decode("latin-1"))
+            for name, value in request.headers.items()
+        ]
         request.headers.update(
             sign_request(
                 request.method,
                 request.url,
-                request.headers.items(),
+                headers,
                 body,
                 keyid="acme-k1",
                 secret=TEST_SECRETS["acme-k1"],
@@ -90,7 +101,7 @@ def live_gateway(opa: OpaProcess, tmp_path_factory: pytest.TempPathFactory) -> I
         await echo.setup()
         site = web.TCPSite(echo, "127.0.0.1", 0)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = echo.addresses[0][1]
         upstream = f"http://127.0.0.1:{port}"
         config = gateway_config(
             opa.url,
@@ -127,7 +138,7 @@ def live_gateway(opa: OpaProcess, tmp_path_factory: pytest.TempPathFactory) -> I
 
 @positive.parametrize()
 @SETTINGS
-def test_valid_requests(case: schemathesis.Case, live_gateway: LiveServer) -> None:
+def test_valid_requests(case: OpenApiCase, live_gateway: LiveServer) -> None:
     """Signed, credentialed valid requests get documented answers, never a 5xx."""
     auth = SignAndAuthenticate(credential=True)
     case.call_and_validate(base_url=live_gateway.url, checks=CHECKS, auth=auth)
@@ -135,7 +146,7 @@ def test_valid_requests(case: schemathesis.Case, live_gateway: LiveServer) -> No
 
 @negative.parametrize()
 @SETTINGS
-def test_invalid_requests(case: schemathesis.Case, live_gateway: LiveServer) -> None:
+def test_invalid_requests(case: OpenApiCase, live_gateway: LiveServer) -> None:
     """Invalid requests are refused with a documented 4xx problem, never a 5xx.
 
     Signed, but with only the credentials the case itself carries: a case

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
-import schemathesis
 from aiohttp import web
 from schemathesis import GenerationMode
 
@@ -21,6 +21,10 @@ from tests.contractkit import CHECKS, REGISTRY_DOC, SETTINGS, load, run_stateful
 from tests.livethread import LiveServer
 from tests.registrykit import fresh_database, registry_settings
 from tests.services import PostgresService
+
+if TYPE_CHECKING:
+    # schemathesis names the type of an OpenAPI case for type checkers only.
+    from schemathesis.specs.openapi.schemas import OpenApiCase
 
 positive = load(REGISTRY_DOC, GenerationMode.POSITIVE)
 # Operations without parameters or a body have no invalid form.
@@ -48,14 +52,14 @@ def live_registry(postgres_service: PostgresService) -> Iterator[LiveServer]:
 
 @positive.parametrize()
 @SETTINGS
-def test_valid_requests(case: schemathesis.Case, live_registry: LiveServer) -> None:
+def test_valid_requests(case: OpenApiCase, live_registry: LiveServer) -> None:
     """Valid requests get documented answers, never a 5xx."""
     case.call_and_validate(base_url=live_registry.url, checks=CHECKS)
 
 
 @negative.parametrize()
 @SETTINGS
-def test_invalid_requests(case: schemathesis.Case, live_registry: LiveServer) -> None:
+def test_invalid_requests(case: OpenApiCase, live_registry: LiveServer) -> None:
     """Invalid requests are refused with a documented 4xx problem, never a 5xx."""
     case.call_and_validate(base_url=live_registry.url, checks=CHECKS)
 

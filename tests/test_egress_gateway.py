@@ -106,7 +106,7 @@ async def make_egress(
             metrics=metrics or {},
         )
         if resolver is not None:
-            stage = client.server.app[PIPELINE].stages[-1]
+            stage = client.app[PIPELINE].stages[-1]
             assert isinstance(stage, Route)
             stage.egress["egress"].guard = type(stage.egress["egress"].guard)(resolver)
         return client
@@ -249,7 +249,7 @@ class TestReportMode:
         )
         assert response.status == 200
         assert any(r.getMessage() == "enforce_would_deny" for r in caplog.records)
-        metrics = client.server.app[METRICS]
+        metrics = client.app[METRICS]
         assert metrics.egress_would_deny["class_above_destination_ceiling"] == 1
         [record] = [r for r in read_records(tmp_path / "audit.jsonl") if r.get("code")]
         assert record["outcome"] == "allow"

@@ -50,6 +50,54 @@ class TestAllowedRequests:
         text = await response.text()
         assert text.splitlines() == [f"line {i}" for i in range(500)]
 
+    @pytest.mark.parametrize("length", [None, 10], ids=["chunked", "content-length"])
+    async def test_answer_streams_before_the_upstream_finishes(
+        self, make_gateway: GatewayFactory, length: int | None
+    ) -> None:
+        """Status, headers and the first bytes reach the caller while the upstream
+        still holds the rest: the gateway relays, it does not buffer the answer."""
+        release = asyncio.Event()
+
+        async def slow(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"X-Upstream": "yes"})
+            if length is not None:
+                response.content_length = length
+            await response.prepare(request)
+            await response.write(b"first")
+            await release.wait()  # set by the test once "first" came through
+            await response.write(b"-last")
+            await response.write_eof()
+            return response
+
+        app = web.Application()
+        app.router.add_get("/echo/slow", slow)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        try:
+            gateway = await make_gateway(
+                routes=[
+                    {
+                        "name": "echo",
+                        "prefix": "/echo/",
+                        "upstream": str(server.make_url("")).rstrip("/"),
+                        "auth": "none",
+                        "require_signature": False,
+                    }
+                ]
+            )
+            response = await asyncio.wait_for(gateway.get("/echo/slow"), timeout=10)
+            assert response.status == 200
+            assert response.headers["X-Upstream"] == "yes"
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+            first = await asyncio.wait_for(response.content.readexactly(5), timeout=10)
+            assert first == b"first"
+            assert not release.is_set()
+            release.set()
+            assert await response.read() == b"-last"
+        finally:
+            release.set()
+            await server.close()
+
     async def test_upstream_status_is_passed_through(self, gateway: Client) -> None:
         """An upstream 404 is the upstream's answer, not a gateway problem."""
         response = await gateway.get("/echo/status/404")

@@ -211,7 +211,7 @@ async def _start_opa(stack: Stack) -> None:
 
 
 async def _kill_supervised_opa(stack: Stack) -> None:
-    local = stack.client.server.app[LOCAL_OPA]
+    local = stack.client.app[LOCAL_OPA]
     assert local is not None
     assert local.pid is not None
     stack.notes["opa_pid"] = local.pid
@@ -220,7 +220,7 @@ async def _kill_supervised_opa(stack: Stack) -> None:
 
 async def _supervisor_restarts_opa(stack: Stack) -> None:
     """Nothing to do by hand: the supervisor starts a new OPA (a new pid)."""
-    local = stack.client.server.app[LOCAL_OPA]
+    local = stack.client.app[LOCAL_OPA]
     assert local is not None
     deadline = time.monotonic() + _WAIT_S
     while local.pid in (None, stack.notes["opa_pid"]):
@@ -611,7 +611,7 @@ def _check_outcomes(
 
 async def _check_audit(stack: Stack, *, spools: bool) -> None:
     """After the spool drains: every answered request has its record; the chain verifies."""
-    recorder = stack.client.server.app[AUDIT]
+    recorder = stack.client.app[AUDIT]
     assert recorder is not None
     log = recorder.log
     await asyncio.wait_for(log.wait_drained(), _WAIT_S)

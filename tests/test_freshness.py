@@ -111,5 +111,5 @@ class TestNonces:
         """Anonymous requests on open routes touch no replay state."""
         for _ in range(3):
             assert (await gateway.get("/echo/x")).status == 200
-        metrics = gateway.server.app[METRICS]
+        metrics = gateway.app[METRICS]
         assert not [key for key in metrics.denials if key[0] == "freshness"]

@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import aiohttp
 import jwt
@@ -606,7 +606,11 @@ class TestStage:
             await stage.close()
 
     def _ctx(
-        self, authorization: str, tenant: Tenant | None, *, auth: str = "jwt_or_api_key"
+        self,
+        authorization: str,
+        tenant: Tenant | None,
+        *,
+        auth: Literal["none", "jwt", "jwt_or_api_key", "api_key"] = "jwt_or_api_key",
     ) -> RequestContext:
         route = RouteConfig(name="r", prefix="/r/", upstream="http://u", auth=auth)
         request = make_mocked_request("GET", "/r/x", headers={"Authorization": authorization})

@@ -33,7 +33,10 @@ ROUTES = [
     {"name": "readonly", "prefix": "/readonly/", "upstream": UPSTREAM},
     {"name": "locked", "prefix": "/locked/", "upstream": UPSTREAM},
 ]
-ROUTE_BY_NAME = {r["name"]: RouteConfig(**r) for r in ROUTES}
+ROUTE_BY_NAME = {
+    r["name"]: RouteConfig(name=r["name"], prefix=r["prefix"], upstream=r["upstream"])
+    for r in ROUTES
+}
 STRATEGIES = ["sliding-window-counter", "moving-window", "fixed-window"]
 # Hour-long windows: a test never straddles a window edge, so counts are exact.
 _ITEM = re.compile(r'^"(?P<policy>[a-z]+)"((?:;[a-z]+=\d+)+)$')
@@ -549,7 +552,7 @@ class TestThroughTheGateway:
         }
         assert response.headers["RateLimit-Policy"] == '"anonymous";q=3;w=3600'
         assert (await self.get(client, unique_ip())).status == 200
-        metrics = client.server.app[METRICS]
+        metrics = client.app[METRICS]
         assert metrics.denial_reasons[("ratelimit", "anonymous_limit")] == 1
         assert metrics.denials[("ratelimit", "rate-limited")] == 1
 
@@ -607,7 +610,7 @@ class TestThroughTheGateway:
         try:
             statuses = [(await self.get(client, ip)).status for _ in range(4)]
             assert statuses == [200, 200, 200, 429]
-            assert client.server.app[METRICS].ratelimit_degraded
+            assert client.app[METRICS].ratelimit_degraded
         finally:
             redis_server.start()
 

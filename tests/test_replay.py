@@ -176,7 +176,7 @@ class TestSharedRedis:
         )
         response = await Signer(client, "globex-k1").request("GET", "/echo/x", nonce="ttl-probe")
         assert response.status == 200
-        redis = client.server.app[REDIS]
+        redis = client.app[REDIS]
         assert redis is not None
         key = nonce_key("globex", "globex-k1", "ttl-probe")
         assert 110 <= await redis.ttl(key) <= 120

@@ -10,17 +10,17 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 
 from gateway.app import METRICS
 from gateway.metrics import MAX_SHADOW_REASONS, Metrics
 from gateway.policy.engine import Decision
 from gateway.policy.shadow import ALLOW_DIFFERS, ShadowEngine, disagreement_reasons
 from gateway.policy.stack import POLICY_STACK
-from tests.conftest import GatewayFactory, free_port
+from tests.conftest import GatewayClient, GatewayFactory, free_port
 from tests.problems import assert_problem
 
-Client = TestClient[Any, Any]
+Client = GatewayClient
 
 
 async def shadow_gateway(make_gateway: GatewayFactory, **shadow: Any) -> Client:
@@ -30,10 +30,10 @@ async def shadow_gateway(make_gateway: GatewayFactory, **shadow: Any) -> Client:
 
 
 async def drain(client: Client) -> Metrics:
-    shadow = client.server.app[POLICY_STACK].shadow
+    shadow = client.app[POLICY_STACK].shadow
     assert shadow is not None
     await shadow.drain()
-    return client.server.app[METRICS]
+    return client.app[METRICS]
 
 
 @pytest.fixture

@@ -136,7 +136,7 @@ class TestRfc9421Vectors:
         status, _, body = await raw_request(client, raw)
         assert status == 400, body
         assert b"nonce_missing" in body
-        metrics = client.server.app[METRICS]
+        metrics = client.app[METRICS]
         assert metrics.denial_reasons[("freshness", "nonce_missing")] == 1
 
 
@@ -497,7 +497,7 @@ class TestAttackTable:
         stage = "freshness" if code in ("stale-request", "replayed-nonce") else "signature"
         if reason in ("nonce_missing", "nonce_invalid"):
             stage = "freshness"
-        assert client.server.app[METRICS].denial_reasons[(stage, reason)] == 1
+        assert client.app[METRICS].denial_reasons[(stage, reason)] == 1
         if status == 401:
             assert response.headers["Accept-Signature"].startswith('sig1=("@method"')
 

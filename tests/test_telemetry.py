@@ -35,7 +35,7 @@ CLIENT_TRACEPARENT = f"00-{CLIENT_TRACE}-00f067aa0ba902b7-01"
 
 async def scrape(client: Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample on the gateway's /metrics, by (name, sorted labels)."""
-    port = client.server.app[METRICS_LISTENER].port
+    port = client.app[METRICS_LISTENER].port
     async with (
         aiohttp.ClientSession() as session,
         session.get(f"http://127.0.0.1:{port}/metrics") as response,
@@ -80,13 +80,13 @@ class TestMetricsEndpoint:
         assert (await gateway.get("/echo/ok")).status == 200
         assert (await gateway.get("/locked/x")).status == 401
         samples = await scrape(gateway)
-        internal = gateway.server.app[METRICS]
+        internal = gateway.app[METRICS]
         for (stage, code), count in internal.denials.items():
             assert value(samples, "nops_gateway_denials_total", stage=stage, code=code) == count
         assert internal.denials
         for stage in ("intake", "signature", "decision", "audit", "route"):
-            count = value(samples, "nops_gateway_stage_duration_seconds_count", stage=stage)
-            assert count >= 1, stage
+            observed = value(samples, "nops_gateway_stage_duration_seconds_count", stage=stage)
+            assert observed >= 1, stage
         assert value(samples, "nops_gateway_policy_decision_seconds_count") >= 1
         assert value(samples, "nops_gateway_audit_durability_seconds_count") >= 1
         assert value(samples, "nops_gateway_upstream_duration_seconds_count", route="echo") == 1
@@ -103,7 +103,7 @@ class TestMetricsEndpoint:
         for dependency in ("ratelimit", "opa", "audit"):
             key = ("nops_gateway_degraded", (("dependency", dependency),))
             assert samples[key] == 0.0, dependency
-        gateway.server.app[METRICS].ratelimit_degraded = True
+        gateway.app[METRICS].ratelimit_degraded = True
         samples = await scrape(gateway)
         assert value(samples, "nops_gateway_degraded", dependency="ratelimit") == 1.0
 
@@ -146,7 +146,7 @@ class TestMetricsEndpoint:
         """Two gateways in one process count apart, on their own ports."""
         first = await make_gateway(metrics=METRICS_ON)
         second = await make_gateway(metrics=METRICS_ON)
-        assert first.server.app[METRICS_LISTENER].port != second.server.app[METRICS_LISTENER].port
+        assert first.app[METRICS_LISTENER].port != second.app[METRICS_LISTENER].port
         await first.get("/echo/x")
         name = "nops_gateway_requests_total"
         first_samples, second_samples = await scrape(first), await scrape(second)
@@ -156,8 +156,8 @@ class TestMetricsEndpoint:
     async def test_off_by_default(self, make_gateway: GatewayFactory) -> None:
         """Without [metrics] and [tracing] no telemetry and no listener exist."""
         gateway = await make_gateway()
-        assert gateway.server.app[TELEMETRY] is None
-        assert METRICS_LISTENER not in gateway.server.app
+        assert gateway.app[TELEMETRY] is None
+        assert METRICS_LISTENER not in gateway.app
 
 
 class TestHistogram:
@@ -276,9 +276,9 @@ class TestTracing:
         finished = spans.get_finished_spans()
         assert finished
         for span in finished:
-            for key, attribute in (span.attributes or {}).items():
+            for name, attribute in (span.attributes or {}).items():
                 for secret in forbidden:
-                    assert secret not in str(attribute), (span.name, key)
+                    assert secret not in str(attribute), (span.name, name)
 
     async def test_unsampled_caller_flag_does_not_stop_recording(
         self, make_gateway: GatewayFactory, spans: InMemorySpanExporter

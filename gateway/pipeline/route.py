@@ -9,7 +9,6 @@ destination in their own routers.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
@@ -67,11 +66,8 @@ class Route:
     ) -> web.StreamResponse:
         ticket = breaker.allow()
         if ticket is None:
-            retry_after = str(max(math.ceil(breaker.retry_in), 1))
-            raise CircuitOpen(
-                f"upstream {route.name} is failing; the request was not sent",
-                reasons=("circuit_open",),
-                headers={"Retry-After": retry_after},
+            raise CircuitOpen.retry_in(
+                f"upstream {route.name} is failing; the request was not sent", breaker.retry_in
             )
         try:
             response = await self._proxy.forward(ctx, route)

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Final
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Final, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -174,147 +174,173 @@ class _InProcessCollector(Collector):
 
     def _request_path(self) -> Iterator[Metric]:
         inst = self._instruments
-        requests = CounterMetricFamily(
-            PREFIX + "requests",
-            "Requests answered, by configured route, status code and configured tenant.",
-            labels=("route", "status", "tenant"),
-        )
         by_label: Counter[tuple[str, str, str]] = Counter()
         for (route, status, tenant), n in list(inst.requests.items()):
             by_label[(inst.route_label(route), str(status), inst.tenant_label(tenant))] += n
-        for labels, n in sorted(by_label.items()):
-            requests.add_metric(labels, n)
-        yield requests
-        hits = CounterMetricFamily(
-            PREFIX + "ratelimit_hits",
-            "Requests refused by a rate limit (429), by configured tenant.",
-            labels=("tenant",),
+        yield _family(
+            CounterMetricFamily,
+            "requests",
+            "Requests answered, by configured route, status code and configured tenant.",
+            ("route", "status", "tenant"),
+            sorted(by_label.items()),
         )
         hits_by_label: Counter[str] = Counter()
         for tenant, n in list(inst.ratelimit_hits.items()):
             hits_by_label[inst.tenant_label(tenant)] += n
-        for tenant_label, n in sorted(hits_by_label.items()):
-            hits.add_metric((tenant_label,), n)
-        yield hits
-        stages = HistogramMetricFamily(
-            PREFIX + "stage_duration_seconds",
+        yield _family(
+            CounterMetricFamily,
+            "ratelimit_hits",
+            "Requests refused by a rate limit (429), by configured tenant.",
+            ("tenant",),
+            _by_one(hits_by_label),
+        )
+        yield _histograms(
+            "stage_duration_seconds",
             "Time spent in each pipeline stage (the route stage includes the upstream).",
-            labels=("stage",),
+            ("stage",),
+            _by_one(inst.stage_duration),
         )
-        for stage, histogram in sorted(inst.stage_duration.items()):
-            stages.add_metric((stage,), histogram.buckets(), histogram.sum)
-        yield stages
-        upstream = HistogramMetricFamily(
-            PREFIX + "upstream_duration_seconds",
+        yield _histograms(
+            "upstream_duration_seconds",
             "Time from sending a request upstream to its response headers, by route.",
-            labels=("route",),
+            ("route",),
+            _by_one(inst.upstream_duration),
         )
-        for route, histogram in sorted(inst.upstream_duration.items()):
-            upstream.add_metric((route,), histogram.buckets(), histogram.sum)
-        yield upstream
-        for name, doc, histogram in (
-            (
-                "policy_decision_seconds",
-                "Time to a policy decision, decision cache included.",
-                inst.policy_decision,
-            ),
-            (
-                "audit_durability_seconds",
-                "Time from appending an audit record to it being durable (group commit).",
-                inst.audit_durability,
-            ),
-        ):
-            family = HistogramMetricFamily(PREFIX + name, doc)
-            family.add_metric((), histogram.buckets(), histogram.sum)
-            yield family
-        depth = GaugeMetricFamily(
-            PREFIX + "audit_queue_depth",
+        yield _histograms(
+            "policy_decision_seconds",
+            "Time to a policy decision, decision cache included.",
+            (),
+            [((), inst.policy_decision)],
+        )
+        yield _histograms(
+            "audit_durability_seconds",
+            "Time from appending an audit record to it being durable (group commit).",
+            (),
+            [((), inst.audit_durability)],
+        )
+        yield _family(
+            GaugeMetricFamily,
+            "audit_queue_depth",
             "Audit records waiting for the writer's next group commit.",
+            (),
+            [((), float(self.audit_queue()) if self.audit_queue is not None else 0.0)],
         )
-        depth.add_metric((), float(self.audit_queue()) if self.audit_queue is not None else 0.0)
-        yield depth
 
     def _counters(self) -> Iterator[Metric]:
         m = self._metrics
-        denials = CounterMetricFamily(
-            PREFIX + "denials",
+        yield _family(
+            CounterMetricFamily,
+            "denials",
             "Requests ended by a problem response, by stage and error code.",
-            labels=("stage", "code"),
+            ("stage", "code"),
+            sorted(m.denials.items()),
         )
-        for (stage, code), n in sorted(m.denials.items()):
-            denials.add_metric((stage, code), n)
-        yield denials
-        reasons = CounterMetricFamily(
-            PREFIX + "denial_reasons",
+        yield _family(
+            CounterMetricFamily,
+            "denial_reasons",
             "Denial reasons (from code or policy; at most MAX_DENIAL_REASONS, then 'other').",
-            labels=("stage", "reason"),
+            ("stage", "reason"),
+            sorted(m.denial_reasons.items()),
         )
-        for (stage, reason), n in sorted(m.denial_reasons.items()):
-            reasons.add_metric((stage, reason), n)
-        yield reasons
-        cache = CounterMetricFamily(
-            PREFIX + "decision_cache",
+        yield _family(
+            CounterMetricFamily,
+            "decision_cache",
             "Decision cache lookups by outcome: hit, miss, uncacheable; flush counts emptyings.",
-            labels=("outcome",),
+            ("outcome",),
+            _by_one(m.decision_cache),
         )
-        for outcome, n in sorted(m.decision_cache.items()):
-            cache.add_metric((outcome,), n)
-        yield cache
-        shadow = CounterMetricFamily(
-            PREFIX + "shadow_evaluations",
+        yield _family(
+            CounterMetricFamily,
+            "shadow_evaluations",
             "Shadow policy evaluations by outcome: agree, disagree, error, skipped.",
-            labels=("outcome",),
+            ("outcome",),
+            _by_one(m.shadow_evaluations),
         )
-        for outcome, n in sorted(m.shadow_evaluations.items()):
-            shadow.add_metric((outcome,), n)
-        yield shadow
-        disagreements = CounterMetricFamily(
-            PREFIX + "shadow_disagreements",
+        yield _family(
+            CounterMetricFamily,
+            "shadow_disagreements",
             "Shadow disagreements by enforced and shadow answer and reason.",
-            labels=("enforced", "shadow", "reason"),
+            ("enforced", "shadow", "reason"),
+            [
+                ((_allow(enforced), _allow(shadow_allow), reason), n)
+                for (enforced, shadow_allow, reason), n in sorted(m.shadow_disagreements.items())
+            ],
         )
-        for (enforced, shadow_allow, reason), n in sorted(m.shadow_disagreements.items()):
-            disagreements.add_metric((_allow(enforced), _allow(shadow_allow), reason), n)
-        yield disagreements
-        would_deny = CounterMetricFamily(
-            PREFIX + "egress_would_deny",
+        yield _family(
+            CounterMetricFamily,
+            "egress_would_deny",
             "Egress requests report mode let through, by the reason enforce mode would deny.",
-            labels=("reason",),
+            ("reason",),
+            _by_one(m.egress_would_deny),
         )
-        for reason, n in sorted(m.egress_would_deny.items()):
-            would_deny.add_metric((reason,), n)
-        yield would_deny
-        storage_errors = CounterMetricFamily(
-            PREFIX + "ratelimit_storage_errors",
+        yield _family(
+            CounterMetricFamily,
+            "ratelimit_storage_errors",
             "Rate-limit storage failures, each answered from the per-node memory fallback.",
-        )
-        storage_errors.add_metric((), m.ratelimit_storage_errors)
-        yield storage_errors
-        degraded = GaugeMetricFamily(
-            PREFIX + "degraded",
-            "1 while a /_readyz check is not ok (on a fallback, or down): opa, audit, redis,"
-            " postgres, ratelimit, registry.",
-            labels=("dependency",),
+            (),
+            [((), m.ratelimit_storage_errors)],
         )
         states = {"ratelimit": m.ratelimit_degraded}
         if self.degraded is not None:
             states.update(self.degraded())
-        for dependency, flag in sorted(states.items()):
-            degraded.add_metric((dependency,), 1.0 if flag else 0.0)
-        yield degraded
-        circuits = GaugeMetricFamily(
-            PREFIX + "circuit_state",
-            "Upstream circuits (agent endpoints, egress destinations) by route and state.",
-            labels=("route", "state"),
+        yield _family(
+            GaugeMetricFamily,
+            "degraded",
+            "1 while a /_readyz check is not ok (on a fallback, or down): opa, audit, redis,"
+            " postgres, ratelimit, registry.",
+            ("dependency",),
+            [((dependency,), 1.0 if flag else 0.0) for dependency, flag in sorted(states.items())],
         )
+        circuit_states: list[tuple[tuple[str, str], float]] = []
         if self.circuits is not None:
             for route, breaker_states in self.circuits():
                 counts = dict.fromkeys(CircuitState, 0)
                 for state in breaker_states:
                     counts[state] += 1
-                for state, n in counts.items():
-                    circuits.add_metric((route, state.value), n)
-        yield circuits
+                circuit_states.extend(((route, state.value), n) for state, n in counts.items())
+        yield _family(
+            GaugeMetricFamily,
+            "circuit_state",
+            "Upstream circuits (agent endpoints, egress destinations) by route and state.",
+            ("route", "state"),
+            circuit_states,
+        )
+
+
+_T = TypeVar("_T")
+_Family = TypeVar("_Family", CounterMetricFamily, GaugeMetricFamily)
+
+
+def _family(
+    kind: type[_Family],
+    name: str,
+    doc: str,
+    labels: Sequence[str],
+    samples: Iterable[tuple[Sequence[str], float]],
+) -> _Family:
+    """A counter or gauge family ``PREFIX + name`` with one sample per (label values, value)."""
+    family = kind(PREFIX + name, doc, labels=labels)
+    for label_values, value in samples:
+        family.add_metric(label_values, value)
+    return family
+
+
+def _histograms(
+    name: str,
+    doc: str,
+    labels: Sequence[str],
+    samples: Iterable[tuple[Sequence[str], _Histogram]],
+) -> HistogramMetricFamily:
+    """A histogram family ``PREFIX + name`` with one histogram per label values."""
+    family = HistogramMetricFamily(PREFIX + name, doc, labels=labels)
+    for label_values, histogram in samples:
+        family.add_metric(label_values, histogram.buckets(), histogram.sum)
+    return family
+
+
+def _by_one(values: Mapping[str, _T]) -> list[tuple[tuple[str], _T]]:
+    """``values`` by key, each key the one label value."""
+    return [((key,), value) for key, value in sorted(values.items())]
 
 
 def _allow(value: bool) -> str:
