@@ -551,7 +551,7 @@ class TestGatewayCache:
         client = await make_gateway(policy={"url": "", "opa_binary": str(OPA_BINARY)})
         statuses = [(await client.get("/echo/x")).status for _ in range(3)]
         assert statuses == [200, 200, 200]
-        counts = client.server.app[METRICS].decision_cache
+        counts = client.app[METRICS].decision_cache
         assert (counts["miss"], counts["hit"]) == (1, 2)
 
     async def test_gateway_counts_hits_on_a_signed_bundle(
