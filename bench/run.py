@@ -3,9 +3,15 @@
     make bench       (= python -m bench.run)
     python -m bench.run [--quick] [--reps 3] [--workers 1] [--generator auto|python|wrk]
                         [--audit-store postgres|file] [--no-scaling] [--out FILE]
+                        [--decision-cache on|off] [--cache-key-exclude PATHS]
 
 Starts, on loopback: a private Redis, a durable PostgreSQL (audit store; or
-the file store), a real OPA with policies/rego, a real aiohttp upstream
+the file store), a real OPA as deployed (deploy/opa/config.yaml: it polls
+policies/rego as a signed bundle, built by scripts/build-bundle with a
+content revision, from gateway.policy.bundle_server; so the gateway's
+decision cache can serve repeats, unless ``--decision-cache off``; with
+``--cache-key-exclude``, default signature.created, left out of the cache
+key and of the policy input), a real aiohttp upstream
 (gateway.echo), the bare aiohttp reverse proxy (bench.bare_proxy, uvloop,
 keep-alive, ``--workers`` processes on one port) and the gateway
 (``gateway serve --workers N``) with the full pipeline on ``/locked/``
@@ -53,6 +59,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench import loadgen, signed
 from bench.harness import OPA, ROOT, cpu_seconds, free_port, median, rss_mb, run_wrk, wait_http
@@ -123,6 +132,8 @@ class Services:
     jwks: Path
     token: str
     others: dict[str, int] = field(default_factory=dict)  # name -> pid, for CPU accounting
+    #: The gateway config's [policy.cache] table.
+    policy_cache: str = "enabled = true"
 
 
 def _spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -135,28 +146,71 @@ def _spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Pop
     )
 
 
+def _signed_bundle(workdir: Path) -> tuple[Path, Path]:
+    """policies/rego as the signed bundle production runs (its revision names its contents)."""
+    bundle = workdir / "bundle.tar.gz"
+    keys = workdir / "bundle-keys"
+    keys.mkdir()
+    private, public = keys / "private.pem", keys / "public.pem"
+    key = ec.generate_private_key(ec.SECP256R1())
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    subprocess.run(
+        [str(ROOT / "scripts" / "build-bundle"), "-o", str(bundle), "--signing-key", str(private)],
+        check=True, capture_output=True, cwd=ROOT,
+    )  # fmt: skip
+    return bundle, public
+
+
+def _policy_cache_toml(settings: Settings) -> str:
+    if settings.decision_cache == "off":
+        return "enabled = false"
+    return f"enabled = true\nkey_exclude = {json.dumps(list(settings.cache_key_exclude))}"
+
+
 @contextlib.contextmanager
-def services(workdir: Path, audit_store: str) -> Iterator[Services]:
-    ports = {name: free_port() for name in ("redis", "opa", "upstream")}
+def services(workdir: Path, settings: Settings) -> Iterator[Services]:
+    ports = {name: free_port() for name in ("redis", "opa", "upstream", "bundles")}
     started: list[subprocess.Popen[bytes]] = []
     pg: Any = None
     try:
         redis = _spawn([str(ROOT / "scripts" / "redis"), str(ports["redis"]), str(workdir)])
-        opa_args = ["--skip-version-check", "--log-level", "error", "policies/rego"]
+        bundle, public = _signed_bundle(workdir)
+        bundles = _spawn(
+            [sys.executable, "-m", "gateway.policy.bundle_server", "--file", str(bundle),
+             "--port", str(ports["bundles"])]
+        )  # fmt: skip
+        started.append(bundles)
+        wait_http(f"http://127.0.0.1:{ports['bundles']}/health")
+        opa_args = ["--skip-version-check", "--log-level", "error"]
+        opa_args += ["--config-file", "deploy/opa/config.yaml"]
+        opa_args += ["--set", f"services.bundles.url=http://127.0.0.1:{ports['bundles']}"]
+        opa_args += ["--set-file", f"keys.nops-bundle.key={public}"]
         opa = _spawn(
             [str(OPA), "run", "--server", "--addr", f"127.0.0.1:{ports['opa']}", *opa_args]
         )
         upstream = _spawn([sys.executable, "-m", "gateway.echo", "--port", str(ports["upstream"])])
         started += [redis, opa, upstream]
         dsn = ""
-        if audit_store == "postgres":
+        if settings.audit_store == "postgres":
             from registry.devdb import PostgresService
 
             # A kept data directory makes the cluster durable (fsync on).
             pg = PostgresService(workdir, data_dir=workdir / "pg")
             pg.start()
             dsn = pg.dsn
-        wait_http(f"http://127.0.0.1:{ports['opa']}/health")
+        # Ready once the signed bundle verified and was activated.
+        wait_http(f"http://127.0.0.1:{ports['opa']}/health?bundles")
         wait_http(f"http://127.0.0.1:{ports['upstream']}/ping")
         jwks, token = signed.identity_files(workdir)
         yield Services(
@@ -168,6 +222,7 @@ def services(workdir: Path, audit_store: str) -> Iterator[Services]:
             jwks=jwks,
             token=token,
             others={"opa": opa.pid, "redis": redis.pid, "upstream": upstream.pid},
+            policy_cache=_policy_cache_toml(settings),
         )
     finally:
         for process in started:
@@ -193,6 +248,8 @@ host = "127.0.0.1"
 shutdown_timeout_s = 5
 [policy]
 url = "{svc.opa_url}"
+[policy.cache]
+{svc.policy_cache}
 [dependencies]
 redis_url = "{svc.redis_url}"
 [logging]
@@ -303,6 +360,8 @@ class Settings:
     audit_store: str
     scaling: bool
     loads: list[float]
+    decision_cache: str = "on"
+    cache_key_exclude: tuple[str, ...] = ("signature.created",)
 
 
 def _unsigned(port: int, path: str) -> list[bytes]:
@@ -537,7 +596,7 @@ def run(settings: Settings, out: Path) -> dict[str, Any]:
     raw: dict[str, Any] = {"max": [], "latency": [], "stages": [], "scaling": []}
     with (
         tempfile.TemporaryDirectory(prefix="nops-bench-") as tmp,
-        services(Path(tmp), settings.audit_store) as svc,
+        services(Path(tmp), settings) as svc,
     ):
         workers = settings.workers
         config = write_config(svc, f"main-{workers}")
@@ -638,7 +697,9 @@ def report(results: dict[str, Any]) -> None:
     m = results["max_throughput"]
     print(
         f"NOPS gateway vs bare aiohttp proxy: {s['workers']} process(es) each, generator "
-        f"{s['generator']}, audit store {s['audit_store']}, medians of {s['reps']} rep(s); "
+        f"{s['generator']}, audit store {s['audit_store']}, decision cache "
+        f"{s['decision_cache']} (key without {','.join(s['cache_key_exclude']) or '-'}), "
+        f"medians of {s['reps']} rep(s); "
         f"load average {results['machine']['loadavg_start'][0]} -> "
         f"{results['machine']['loadavg_end'][0]} on {results['machine']['cpus']} CPUs"
     )
@@ -710,6 +771,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--audit-store", choices=("postgres", "file"), default="postgres")
     parser.add_argument("--no-scaling", action="store_true", help="skip the 1 -> 2 process runs")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    parser.add_argument(
+        "--decision-cache",
+        choices=("on", "off"),
+        default="on",
+        help="the gateway's decision cache (policy.cache.enabled)",
+    )
+    parser.add_argument(
+        "--cache-key-exclude",
+        default="signature.created",
+        help="comma-separated input paths left out of the cache key (and of the policy input)",
+    )
     args = parser.parse_args(argv)  # fmt: skip
     generator = args.generator
     if generator == "auto":
@@ -730,6 +802,8 @@ def main(argv: list[str] | None = None) -> int:
         audit_store=args.audit_store,
         scaling=not args.no_scaling,
         loads=[float(x) for x in args.loads.split(",") if x],
+        decision_cache=args.decision_cache,
+        cache_key_exclude=tuple(x for x in args.cache_key_exclude.split(",") if x),
     )
     results = run(settings, args.out)
     report(results)

@@ -147,6 +147,9 @@ async def _policy_engine(app: web.Application) -> AsyncIterator[None]:
     app[LOCAL_OPA] = local
     try:
         async with open_policy_stack(config.policy, url, app[METRICS]) as stack:
+            if local is not None and stack.cache is not None:
+                # SECURITY: no hit while the supervised OPA is down (fails closed, ADR XXXX).
+                local.on_exit.append(stack.cache.recheck)
             app[POLICY_STACK] = stack
             app[ENGINE] = stack.engine
             app[_READINESS] = ReadinessChecker.for_config(

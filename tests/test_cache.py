@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import os
 import shutil
+import signal
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from gateway.policy.cache import CachingEngine, DecisionCache, cache_key, canoni
 from gateway.policy.engine import Decision, PolicyEngineError
 from gateway.policy.opa import OpaEngine
 from gateway.policy.result import REASON_UNDEFINED
-from gateway.policy.supervisor import LocalBundle, LocalOpa
+from gateway.policy.supervisor import LocalBundle, LocalOpa, PolicySnapshot
 from tests.bundles import (  # noqa: F401 - the *_fixture names are fixtures
     KeyPair,
     build_bundle,
@@ -173,6 +176,72 @@ class ScriptedEngine:
 
     async def close(self) -> None:
         return None
+
+
+class RecordingEngine(ScriptedEngine):
+    """Remembers the documents it was asked about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Mapping[str, Any]] = []
+
+    async def decide(self, document: Mapping[str, Any], decision_id: str) -> Decision:
+        self.seen.append(copy.deepcopy(dict(document)))
+        return await super().decide(document, decision_id)
+
+
+def signed_at(created: int) -> dict[str, Any]:
+    return {**ECHO_GET, "signature": {"keyid": "k", "alg": "ed25519", "created": created}}
+
+
+class TestKeyExclude:
+    async def test_excluded_field_is_neither_keyed_nor_seen_by_the_policy(self) -> None:
+        """key_exclude = signature.created: later signatures hit, and OPA never sees created."""
+        inner = RecordingEngine()
+        engine = CachingEngine(
+            inner, PolicyCacheConfig(key_exclude=("signature.created",)), scope="s"
+        )
+        answers = [await engine.decide(signed_at(created), "d") for created in (1, 2, 3)]
+        assert [answer.cached for answer in answers] == [False, True, True]
+        assert inner.seen == [
+            {**ECHO_GET, "signature": {"keyid": "k", "alg": "ed25519"}},
+        ]
+
+    async def test_without_exclusion_a_per_request_field_never_hits(self) -> None:
+        """By default every input field is in the key: a new created is a new question."""
+        inner = RecordingEngine()
+        engine = CachingEngine(inner, PolicyCacheConfig(), scope="s")
+        answers = [await engine.decide(signed_at(created), "d") for created in (1, 2, 2)]
+        assert [answer.cached for answer in answers] == [False, False, True]
+        assert [doc["signature"]["created"] for doc in inner.seen] == [1, 2]
+
+
+class TestRecheck:
+    async def test_recheck_serves_nothing_until_the_engine_confirms(self) -> None:
+        """After recheck() a hit waits for the revision check; an engine down fails closed."""
+        inner = ScriptedEngine()
+        down = False
+
+        async def probe() -> str:
+            if down:
+                raise PolicyEngineError("ClientConnectorError")
+            return inner.revision
+
+        engine = CachingEngine(
+            inner, PolicyCacheConfig(revision_check_s=3600), scope="s", revision_probe=probe
+        )
+        await engine.decide(ECHO_GET, "d-1")
+        assert (await engine.decide(ECHO_GET, "d-2")).cached is True  # checked: r1
+        down = True
+        assert (await engine.decide(ECHO_GET, "d-3")).cached is True  # no check due yet
+        flushes = engine.stats().flushes
+        engine.recheck()
+        answer = await engine.decide(ECHO_GET, "d-4")  # the check fails: emptied, engine asked
+        assert (answer.cached, inner.calls) == (False, 2)
+        assert engine.stats().flushes > flushes
+        down = False
+        engine.recheck()
+        assert (await engine.decide(ECHO_GET, "d-5")).cached is True  # same revision: kept
 
 
 class TestCachingEngineRevisions:
@@ -336,7 +405,155 @@ class TestCachingEngineWithOpa:
         assert (engine.stats().entries, engine.revision) == (0, "")
 
 
+class TestPolicySnapshot:
+    @pytest.mark.parametrize(
+        ("edit", "changes"),
+        [
+            pytest.param(lambda d: None, False, id="untouched"),
+            pytest.param(deny_echo_get, True, id="data-edited"),
+            pytest.param(
+                lambda d: (d / "nops" / "authz" / "authz.rego").write_text(
+                    (d / "nops" / "authz" / "authz.rego").read_text() + "\n# comment\n"
+                ),
+                True,
+                id="rego-edited",
+            ),
+            pytest.param(
+                lambda d: (d / "nops" / "extra.rego").write_text("package nops.extra\n"),
+                True,
+                id="file-added",
+            ),
+            pytest.param(
+                lambda d: (d / "nops" / "routes" / "data.json").rename(d / "nops" / "routes.json"),
+                True,
+                id="file-moved",
+            ),
+            pytest.param(
+                lambda d: (d / "nops" / "authz" / "authz_test.rego").write_text("package x\n"),
+                False,
+                id="test-edited",
+            ),
+            pytest.param(
+                lambda d: (d / "nops" / ".authz.rego.swp").write_text("junk"),
+                False,
+                id="hidden-file",
+            ),
+        ],
+    )
+    def test_revision_names_the_contents(self, tmp_path: Path, edit: Any, changes: bool) -> None:
+        """The same files give the same revision; any change to what OPA loads a new one."""
+        policies = copy_policies(tmp_path)
+        before = PolicySnapshot.read(policies)
+        edit(policies)
+        after = PolicySnapshot.read(policies)
+        assert before.revision.startswith("sha256-")
+        assert (before.revision != after.revision) is changes
+        assert ("nops/authz/authz_test.rego" in dict(after.files)) is False
+
+
+@pytest.fixture
+async def dir_opa(tmp_path: Path) -> AsyncIterator[tuple[LocalOpa, OpaEngine, Path]]:
+    """A supervised local OPA on a policy directory the test may edit."""
+    policies = copy_policies(tmp_path)
+    opa = LocalOpa(OPA_BINARY, policies, watch_s=0.05)
+    await opa.start()
+    engine = OpaEngine(opa.url, decision_path="nops/authz/decision", timeout_s=2)
+    yield opa, engine, policies
+    await engine.close()
+    await opa.stop()
+
+
+async def activated(engine: OpaEngine, policies: Path) -> str:
+    """Wait until OPA serves the bundle built from the directory as it is now."""
+    revision = f"nops={PolicySnapshot.read(policies).revision}"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while await engine.revision() != revision:
+        assert loop.time() < deadline, "OPA did not activate the edited policy"
+        await asyncio.sleep(0.05)
+    return revision
+
+
+class TestSupervisedDirectory:
+    async def test_decisions_carry_the_files_revision_and_hit(
+        self, dir_opa: tuple[LocalOpa, OpaEngine, Path]
+    ) -> None:
+        """OPA reports the content revision with each answer, so repeats are hits."""
+        opa, inner, policies = dir_opa
+        metrics = Metrics()
+        engine = caching(inner, metrics)
+        answers = [await engine.decide(ECHO_GET, f"d-{index}") for index in range(3)]
+        assert [answer.cached for answer in answers] == [False, True, True]
+        assert answers[0].revision == f"nops={PolicySnapshot.read(policies).revision}"
+        assert opa.revision == PolicySnapshot.read(policies).revision
+        assert (metrics.decision_cache["miss"], metrics.decision_cache["hit"]) == (1, 2)
+
+    @pytest.mark.parametrize("check_s", [0, 3600], ids=["checked", "learned-from-an-answer"])
+    async def test_edited_policy_is_never_answered_from_the_cache(
+        self, dir_opa: tuple[LocalOpa, OpaEngine, Path], check_s: float
+    ) -> None:
+        """Edit a file: once OPA loaded it, the next answer is the new policy's, not a hit."""
+        _, inner, policies = dir_opa
+        engine = caching(inner, Metrics(), revision_check_s=check_s)
+        assert (await engine.decide(ECHO_GET, "d-1")).allow is True
+        assert (await engine.decide(ECHO_GET, "d-2")).cached is True
+        deny_echo_get(policies)
+        revision = await activated(inner, policies)
+        if check_s:
+            # No check due: a miss answered by the new bundle teaches the revision.
+            assert (await engine.decide(ECHO_POST, "d-3")).revision == revision
+        after = await engine.decide(ECHO_GET, "d-4")
+        assert (after.allow, after.reasons, after.cached) == (False, ("method_not_allowed",), False)
+        assert after.revision == engine.revision == revision
+
+    async def test_exit_is_reported_before_the_restart(
+        self, dir_opa: tuple[LocalOpa, OpaEngine, Path]
+    ) -> None:
+        """on_exit runs when OPA dies (the gateway wires it to the cache's recheck)."""
+        opa, inner, _ = dir_opa
+        exited = asyncio.Event()
+        opa.on_exit.append(exited.set)
+        pid = opa.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.wait_for(exited.wait(), 15)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while True:  # restarted with the same bundle
+            with contextlib.suppress(PolicyEngineError):
+                if (await inner.decide(ECHO_GET, "d")).allow:
+                    break
+            assert loop.time() < deadline, "not restarted"
+            await asyncio.sleep(0.05)
+        assert opa.pid not in (None, pid)
+
+    async def test_a_broken_edit_keeps_the_last_good_policy(
+        self, dir_opa: tuple[LocalOpa, OpaEngine, Path]
+    ) -> None:
+        """A file that does not compile is not loaded; a fix afterwards is."""
+        opa, inner, policies = dir_opa
+        good = opa.revision
+        broken = policies / "nops" / "broken.rego"
+        broken.write_text("package nops.broken\nallow if {\n")
+        await asyncio.sleep(0.5)  # several watch periods: the build fails each time it is tried
+        assert (opa.revision, await inner.revision()) == (good, f"nops={good}")
+        broken.unlink()
+        deny_echo_get(policies)
+        await activated(inner, policies)
+        assert (await inner.decide(ECHO_GET, "d")).allow is False
+
+
 class TestGatewayCache:
+    async def test_gateway_counts_hits_on_a_supervised_directory(
+        self, make_gateway: GatewayFactory
+    ) -> None:
+        """make run's set-up (local OPA on policies/rego): repeats are decided from the cache."""
+        client = await make_gateway(policy={"url": "", "opa_binary": str(OPA_BINARY)})
+        statuses = [(await client.get("/echo/x")).status for _ in range(3)]
+        assert statuses == [200, 200, 200]
+        counts = client.app[METRICS].decision_cache
+        assert (counts["miss"], counts["hit"]) == (1, 2)
+
     async def test_gateway_counts_hits_on_a_signed_bundle(
         self, make_gateway: GatewayFactory, bundle: Path, keys: KeyPair
     ) -> None:

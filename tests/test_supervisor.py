@@ -66,7 +66,7 @@ class TestLocalOpa:
             await opa.stop()
 
     async def test_policy_change_applies_without_restart(self, tmp_path: Path) -> None:
-        """--watch: editing the route data changes the next decision."""
+        """Editing the route data rebuilds the bundle: the next decisions change."""
         policies = tmp_path / "rego"
         shutil.copytree(POLICY_DIR, policies)
         opa = LocalOpa(OPA_BINARY, policies)

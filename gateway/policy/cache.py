@@ -3,13 +3,17 @@
 :class:`CachingEngine` wraps the enforcing engine. Its key is the SHA-256 of
 the RFC 8785 canonical JSON of the whole input document (less any
 ``key_exclude`` paths), the decision path and the policy and data revision
-OPA reported (the canonical form is computed once per request). Correct by
+OPA reported (the canonical form is computed once per request). The
+``key_exclude`` paths are also left out of the input OPA evaluates, so a
+policy can never read a field that is not in the key. Correct by
 construction:
 
 - A decision is cached only under the revision that OPA reported *with it*
   (the ``provenance`` of the very answer). An answer without a revision (OPA
   loaded plain files, not a bundle) is never cached: nothing would tell the
-  cache that those files changed.
+  cache that those files changed. The supervised local OPA always reports one
+  (gateway/policy/supervisor.py builds its directory into a bundle named by
+  the files' SHA-256).
 - Any revision change empties the whole cache. The cache learns of one from
   each answer and, because hits do not ask OPA, from a revision check made
   before a hit whenever ``revision_check_s`` has passed since the last one.
@@ -208,6 +212,10 @@ class CachingEngine:
         self._counts = {"hit": 0, "miss": 0, "uncacheable": 0, "flush": 0}
 
     async def decide(self, document: Mapping[str, Any], decision_id: str) -> Decision:
+        # SECURITY: a field left out of the key is left out of what the policy
+        # sees too, so no policy can decide on it and be answered from another
+        # request's decision (a per-request value such as signature.created).
+        document = _without(document, self._config.key_exclude)
         tenant = _tenant_of(document)
         if self._cache and self._probe is not None:
             await self._check_revision()
@@ -253,6 +261,17 @@ class CachingEngine:
         )
         return dropped
 
+    def recheck(self) -> None:
+        """Confirm the revision with the engine before the next hit.
+
+        For an engine known to have gone away (the supervised OPA exited):
+        until the check succeeds nothing is served from memory, and if the
+        engine is still down the check fails, empties the cache and the
+        request fails closed. A restarted engine on the same revision keeps
+        the entries.
+        """
+        self._checked_at = float("-inf")
+
     def stats(self) -> CacheStats:
         return CacheStats(
             revision=self.revision,
@@ -273,7 +292,7 @@ class CachingEngine:
 
     def _canonical(self, document: Mapping[str, Any]) -> bytes | None:
         try:
-            return canonical_json(_without(document, self._config.key_exclude))
+            return canonical_json(document)  # key_exclude already left out by decide()
         except (TypeError, ValueError):  # rfc8785.CanonicalizationError is a ValueError
             return None  # not canonical JSON (a float NaN, a huge integer): ask every time
 
