@@ -148,7 +148,7 @@ async def _policy_engine(app: web.Application) -> AsyncIterator[None]:
     try:
         async with open_policy_stack(config.policy, url, app[METRICS]) as stack:
             if local is not None and stack.cache is not None:
-                # SECURITY: no hit while the supervised OPA is down (fails closed, ADR XXXX).
+                # SECURITY: no hit while the supervised OPA is down (fails closed, ADR 0018).
                 local.on_exit.append(stack.cache.recheck)
             app[POLICY_STACK] = stack
             app[ENGINE] = stack.engine
