@@ -502,7 +502,7 @@ class TestTraceContext:
 class TestMetrics:
     async def test_circuits_and_upstream_time_by_route(self, make_egress: EgressGateway) -> None:
         """Egress circuits are counted by route and state; upstream time by route."""
-        from tests.test_telemetry import scrape, value
+        from tests.promscrape import scrape, value
 
         client = await make_egress(metrics={"enabled": True, "port": 0})
         for destination in ("partner-wiki", "public-search"):

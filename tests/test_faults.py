@@ -45,6 +45,7 @@ from tests.conftest import (
     free_port,
 )
 from tests.jwtissuer import AUDIENCE, FakeIssuer
+from tests.promscrape import METRICS_ON, scrape, value
 from tests.registrykit import Client, RegistryFactory, tenant
 from tests.services import PostgresService, RedisService
 
@@ -430,6 +431,7 @@ async def make_stack(
         audit_dir = tmp_path / "audit"
         upstream_url = str(upstream.make_url("")).rstrip("/")
         client = await make_gateway(
+            metrics=METRICS_ON,
             policy={**policy, "timeout_s": 1.0},
             dependencies={
                 "redis_url": redis_server.url,
@@ -568,6 +570,13 @@ class TestFaultsUnderTraffic:
             )
             if status == 503:
                 assert body["type"] == problem_type("dependency-unavailable")
+            # The operator's view agrees: each check readiness names reads
+            # degraded on /metrics.
+            samples = await scrape(stack.client)
+            for dependency in fault.unavailable | fault.degraded:
+                assert value(samples, "nops_gateway_degraded", dependency=dependency) == 1.0, (
+                    dependency
+                )
 
         restore_at = time.monotonic()
         await fault.restore(stack)

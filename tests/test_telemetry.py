@@ -10,12 +10,10 @@ import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.apikeys import hash_secret
 from gateway.app import METRICS, METRICS_LISTENER, TELEMETRY
@@ -26,31 +24,11 @@ from gateway.telemetry import Telemetry
 from gateway.telemetry.prom import _Histogram
 from tests.conftest import TEST_SECRETS, GatewayFactory, free_port
 from tests.problems import assert_problem
+from tests.promscrape import METRICS_ON, scrape, value
 
 Client = TestClient[Any, Any]
-METRICS_ON = {"enabled": True, "port": 0}
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_TRACEPARENT = f"00-{CLIENT_TRACE}-00f067aa0ba902b7-01"
-
-
-async def scrape(client: Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample on the gateway's /metrics, by (name, sorted labels)."""
-    port = client.app[METRICS_LISTENER].port
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{port}/metrics") as response,
-    ):
-        assert response.status == 200
-        text = await response.text()
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(samples: dict[Any, float], name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 class TestMetricsEndpoint:
