@@ -128,33 +128,83 @@ class TestSchema:
         paths = [list(e.absolute_path) for e in validator.iter_errors(broken)]
         assert path in paths
 
-    def test_docker_compose_config_when_available(self, tmp_path: Path) -> None:
-        """`docker compose config -q` (or docker-compose) accepts the file, when installed."""
-        runners = [["docker", "compose"], ["docker-compose"]]
-        runner = next(
-            (
-                r
-                for r in runners
-                if shutil.which(r[0])
-                and subprocess.run([*r, "version"], capture_output=True).returncode == 0
-            ),
-            None,
-        )
-        if runner is None:
-            pytest.skip("neither the docker compose plugin nor docker-compose is installed")
-        shutil.copy(COMPOSE, tmp_path / "compose.yaml")
-        subprocess.run(
-            [ROOT / "scripts" / "compose-secrets", tmp_path / "deploy" / "secrets"],
-            check=True,
-            capture_output=True,
-        )
-        done = subprocess.run(
-            [*runner, "-f", "compose.yaml", "config", "-q"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-        )
+
+DOCKER_COMPOSE: Final = TOOLS_BIN / "docker-compose"
+HEALTHY: Final = {"condition": "service_healthy"}
+
+
+def _compose_config(
+    directory: Path, *args: str, file: str = "compose.yaml"
+) -> subprocess.CompletedProcess[str]:
+    """Run the pinned `docker-compose config` (scripts/tools builds it; no engine needed)."""
+    assert DOCKER_COMPOSE.exists(), f"{DOCKER_COMPOSE} is missing: run scripts/tools"
+    return subprocess.run(
+        [str(DOCKER_COMPOSE), "-f", file, "config", *args],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COMPOSE_PROJECT_NAME": "nops"},
+    )
+
+
+@pytest.fixture(scope="module")
+def compose_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """compose.yaml beside a freshly generated secrets directory, as an operator has it."""
+    directory = tmp_path_factory.mktemp("compose")
+    shutil.copy(COMPOSE, directory / "compose.yaml")
+    subprocess.run(
+        [ROOT / "scripts" / "compose-secrets", directory / "deploy" / "secrets"],
+        check=True,
+        capture_output=True,
+    )
+    return directory
+
+
+class TestDockerComposeConfig:
+    """Docker Compose itself (pinned, from scripts/tools) loads and checks the file."""
+
+    def test_accepts_the_shipped_file(self, compose_dir: Path) -> None:
+        done = _compose_config(compose_dir, "-q")
+        assert (done.returncode, done.stderr) == (0, "")
+
+    def test_rendered_project_has_every_service_and_only_file_secrets(
+        self, compose_dir: Path, compose: dict[str, Any]
+    ) -> None:
+        """The project Compose renders names every service; secrets stay files, never values."""
+        done = _compose_config(compose_dir, "--format", "json")
         assert done.returncode == 0, done.stderr
+        project = json.loads(done.stdout)
+        assert sorted(project["services"]) == sorted(_services(compose))
+        secrets_dir = compose_dir / "deploy" / "secrets"
+        for name, secret in project["secrets"].items():
+            assert set(secret) <= {"name", "file"}, name
+            assert Path(secret["file"]).parent == secrets_dir, name
+        for path in secrets_dir.iterdir():
+            for line in path.read_text().splitlines():
+                if len(line.strip()) >= 16:
+                    assert line.strip() not in done.stdout, path.name
+
+    @pytest.mark.parametrize(
+        ("change", "message"),
+        [
+            pytest.param(lambda c: c["services"]["gateway"]["depends_on"].update(nosuch=HEALTHY),
+                         'depends on undefined service "nosuch"', id="unknown-dependency"),
+            pytest.param(lambda c: c["services"]["gateway"]["secrets"].append("nosecret"),
+                         "refers to undefined secret nosecret", id="undefined-secret"),
+            pytest.param(lambda c: c["services"]["redis"]["healthcheck"].update(interval=5),
+                         "services.redis.healthcheck.interval must be a string", id="bad-type"),
+            pytest.param(lambda c: c["services"]["gateway"].update(restart_policy="always"),
+                         "services.gateway.restart_policy", id="unknown-key"),
+        ],
+    )  # fmt: skip
+    def test_refuses_a_broken_file(self, compose_dir: Path, change: Any, message: str) -> None:
+        """The check can fail: Compose names what is wrong and exits non-zero."""
+        broken = load_yaml(COMPOSE)
+        change(broken)
+        (compose_dir / "broken.yaml").write_text(json.dumps(broken))
+        done = _compose_config(compose_dir, "-q", file="broken.yaml")
+        assert done.returncode != 0
+        assert message in done.stderr
 
 
 class TestSemantics:
