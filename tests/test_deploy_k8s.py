@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Final
 
 import kubernetes_validate
@@ -23,7 +24,7 @@ from gateway.config import load_config
 from registry.__main__ import DSN_FILE_ENV
 from registry.app import create_app as create_registry_app
 from registry.settings import RegistrySettings
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TOOLS_BIN
 from tests.deploykit import inline_secrets, load_yaml, load_yaml_documents, strings
 
 K8S: Final = ROOT / "deploy" / "k8s"
@@ -181,18 +182,12 @@ class TestSchemas:
         with pytest.raises(kubernetes_validate.ValidationError, match=error):
             kubernetes_validate.validate(broken, KUBE_VERSIONS[-1], strict=True)
 
-    def test_kustomize_build_renders_valid_objects_when_available(self) -> None:
-        """`kustomize build` (or `kubectl kustomize`), when installed, renders the directory
-        into objects that validate, in namespace nops, with the generated ConfigMap."""
-        tools = ROOT / ".tools" / "bin" / "kustomize"
-        if tools.exists():
-            argv = [str(tools), "build"]
-        elif shutil.which("kustomize"):
-            argv = ["kustomize", "build"]
-        elif shutil.which("kubectl"):
-            argv = ["kubectl", "kustomize"]
-        else:
-            pytest.skip("neither kustomize nor kubectl is installed")
+    def test_kustomize_build_renders_valid_objects(self) -> None:
+        """The pinned `kustomize build` (scripts/tools) renders the directory into objects
+        that validate, in namespace nops, with the generated ConfigMap."""
+        tools = TOOLS_BIN / "kustomize"
+        assert tools.exists(), f"{tools} is missing: run scripts/tools"
+        argv = [str(tools), "build"]
         done = subprocess.run([*argv, str(K8S)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         rendered = [d for d in yaml.safe_load_all(done.stdout) if d is not None]
@@ -201,6 +196,20 @@ class TestSchemas:
             kubernetes_validate.validate(obj, KUBE_VERSIONS[-1], strict=True)
             if obj["kind"] != "Namespace":
                 assert obj["metadata"]["namespace"] == "nops", obj["metadata"]["name"]
+
+    def test_kustomize_build_refuses_a_missing_resource(self, tmp_path: Path) -> None:
+        """The render can fail: a kustomization naming a file that is not there is an error."""
+        copy_dir = tmp_path / "k8s"
+        shutil.copytree(K8S, copy_dir)
+        kustomization = copy_dir / "kustomization.yaml"
+        doc = yaml.safe_load(kustomization.read_text())
+        doc["resources"].append("missing.yaml")
+        kustomization.write_text(yaml.safe_dump(doc))
+        done = subprocess.run(
+            [str(TOOLS_BIN / "kustomize"), "build", str(copy_dir)], capture_output=True, text=True
+        )
+        assert done.returncode != 0
+        assert "missing.yaml" in done.stderr
 
 
 class TestGateway:
