@@ -24,7 +24,7 @@ import orjson
 from audit.record import Record, RecordFormatError, canonical, record_hash
 from audit.stores import Head, StoreError
 
-__all__ = ["SCHEMA", "PostgresStore", "iter_checkpoints", "iter_records"]
+__all__ = ["SCHEMA", "PostgresStore", "application_name", "iter_checkpoints", "iter_records"]
 
 _log = logging.getLogger("audit.postgres")
 
@@ -128,7 +128,11 @@ class PostgresStore:
         conn = self._conn
         if conn is None or conn.is_closed():
             conn = await asyncpg.connect(
-                self._dsn, timeout=self._timeout, command_timeout=self._timeout
+                self._dsn,
+                timeout=self._timeout,
+                command_timeout=self._timeout,
+                # Names the chain's writer in pg_stat_activity (63 bytes at most).
+                server_settings={"application_name": application_name(self.chain_id)},
             )
             self._conn = conn
         return conn
@@ -224,6 +228,11 @@ class PostgresStore:
                 await asyncio.wait_for(conn.close(), timeout=self._timeout)
             except (TimeoutError, *_DB_ERRORS):
                 conn.terminate()
+
+
+def application_name(chain_id: str) -> str:
+    """The ``application_name`` of a chain's connection."""
+    return f"nops-audit {chain_id}"[:63]
 
 
 def _describe(exc: BaseException) -> str:
