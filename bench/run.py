@@ -30,6 +30,10 @@ same load generator for both and alternating targets, ``--reps`` times:
 5. RSS idle and loaded (peak under load), of all gateway processes;
 6. scaling: max throughput of bare and gateway with 1 and 2 processes.
 
+Before step 1 and after step 3, bench.fsync_probe measures the durability
+floor: one append + fsync on the audit store's disk and one PostgreSQL
+commit (synchronous_commit on), p50/p99 of 300 each, one at a time.
+
 Medians over the repetitions are printed and written to
 bench/results/latest.json (schema in bench/RESULTS.md). The load generator
 is bench.loadgen (Python, open loop without coordinated omission); with
@@ -63,7 +67,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from bench import loadgen, signed
+from bench import fsync_probe, loadgen, signed
 from bench.harness import OPA, ROOT, cpu_seconds, free_port, median, rss_mb, run_wrk, wait_http
 
 SCHEMA = "nops-bench/1"
@@ -599,6 +603,9 @@ def run(settings: Settings, out: Path) -> dict[str, Any]:
         services(Path(tmp), settings) as svc,
     ):
         workers = settings.workers
+        # 0. the durability floor of the audit store's disk (and PostgreSQL), idle.
+        print("bench: durability floor (fsync, PostgreSQL commit) ...", file=sys.stderr)
+        floor = fsync_probe.probe(svc.workdir, svc.pg_dsn or None)
         config = write_config(svc, f"main-{workers}")
         # 1. start-up, reps times; the last gateway stays up.
         startups: list[float] = []
@@ -668,6 +675,10 @@ def run(settings: Settings, out: Path) -> dict[str, Any]:
         results["latency"] = latency
         gateway.stop()
         bare.stop()
+        # The floor again, after the load (the disk's latency drifts with the machine's).
+        floor["after_load"] = fsync_probe.probe(svc.workdir, svc.pg_dsn or None)
+        floor["store"] = settings.audit_store
+        results["durability_floor"] = floor
         # 4. per-stage CPU.
         print("bench: per-stage CPU ...", file=sys.stderr)
         for _ in range(settings.reps):
@@ -725,6 +736,18 @@ def report(results: dict[str, Any]) -> None:
             f"{g['p50_ms']:8.2f} {g['p99_ms']:7.2f} {entry['added_p50_ms']:10.2f} "
             f"{entry['added_p99_ms']:10.2f}{note}; errors {b['errors']}/{g['errors']}"
         )
+    floor = results.get("durability_floor")
+    if floor:
+        key = "postgres_commit" if floor["store"] == "postgres" else "file_fsync"
+        what = "PostgreSQL commit" if key == "postgres_commit" else "file append + fsync"
+        print(
+            f"durability floor: one {what} (the audit store's durable write) on this disk, "
+            f"p50 {floor[key]['p50_ms']:.2f} / p99 {floor[key]['p99_ms']:.2f} ms before the "
+            f"runs, p50 {floor['after_load'][key]['p50_ms']:.2f} / p99 "
+            f"{floor['after_load'][key]['p99_ms']:.2f} ms after; every request waits for "
+            "one, under load up to two"
+        )
+        print("  " + fsync_probe.describe(floor).replace("\n", "\n  "))
     stages = results["stages_cpu_us"]
     parts = ", ".join(
         f"{k} {v:.0f}" for k, v in stages.items() if k not in ("total", "requests", "errors")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +13,10 @@ import orjson
 import pytest
 
 from audit import AuditLog
-from audit.record import canonical, record_hash
+from audit.record import Record, canonical, record_hash
 from audit.setup import open_audit_log
 from audit.stores import StoreError
+from audit.stores.postgres import application_name
 from audit.verify import Report, verify_postgres
 from tests.audit_support import entry, settings, trusted_keys
 from tests.services import PostgresService
@@ -46,6 +47,39 @@ async def _seqs(dsn: str, chain_id: str) -> list[int]:
     return [orjson.loads(row["record"])["seq"] for row in rows]
 
 
+async def _transactions(dsn: str, chain_id: str) -> list[list[int]]:
+    """The chain's seqs grouped by the transaction that inserted them, in seq order."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT xmin::text AS xid, seq FROM audit_records WHERE chain_id = $1 ORDER BY seq",
+            chain_id,
+        )
+    finally:
+        await conn.close()
+    groups: dict[str, list[int]] = {}
+    for row in rows:
+        groups.setdefault(row["xid"], []).append(row["seq"])
+    return list(groups.values())
+
+
+async def _terminate_writer(dsn: str, chain_id: str) -> int:
+    """End the chain's store connection from the server side; how many were ended."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        ended: list[bool] = [
+            row[0]
+            for row in await conn.fetch(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = $1",
+                application_name(chain_id),
+            )
+        ]
+    finally:
+        await conn.close()
+    return sum(ended)
+
+
 class TestPostgresStore:
     async def test_chain_in_postgres_verifies(
         self, tmp_path: Path, postgres_server: PostgresService
@@ -72,6 +106,63 @@ class TestPostgresStore:
         assert sorted(r.seq for r in records) == list(range(1, 1001))
         assert transactions <= 10, f"{transactions} transactions for 1000 records"
         assert await _seqs(postgres_server.dsn, chain) == list(range(1, 1001))
+
+    async def test_each_write_is_one_transaction_holding_its_whole_batch(
+        self, tmp_path: Path, postgres_server: PostgresService
+    ) -> None:
+        """Records arriving while a write is in flight go in ONE next statement, ONE commit.
+
+        The store's ``write`` is held on its first batch (as a slow commit
+        would be); each row's ``xmin`` names the transaction that inserted it.
+        """
+        chain = _chain()
+        log = await _open(tmp_path, postgres_server.dsn, chain, checkpoint_every=10_000)
+        real_write = log.store.write
+        in_flight = asyncio.Event()
+        release = asyncio.Event()
+        writes: list[int] = []
+
+        async def held_write(records: Sequence[Record]) -> None:
+            writes.append(len(records))
+            if len(writes) == 1:
+                in_flight.set()
+                await release.wait()
+            await real_write(records)
+
+        log.store.write = held_write  # type: ignore[method-assign]
+        first = asyncio.ensure_future(log.append(entry(0)))
+        await in_flight.wait()
+        later = [asyncio.ensure_future(log.append(entry(n))) for n in range(1, 201)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        release.set()
+        records = await asyncio.gather(first, *later)
+        syncs = log.store.syncs
+        await log.close()
+        assert writes == [1, 200]
+        assert syncs == 2
+        assert [r.seq for r in records] == list(range(1, 202))
+        assert await _transactions(postgres_server.dsn, chain) == [[1], list(range(2, 202))]
+        report = await _verify(tmp_path, postgres_server.dsn, chain)
+        assert report.intact, report.damage
+        assert report.last_seq == 201
+
+    async def test_a_lost_connection_is_replaced(
+        self, tmp_path: Path, postgres_server: PostgresService
+    ) -> None:
+        """The server ends the store's connection: the next appends still become durable."""
+        chain = _chain()
+        log = await _open(tmp_path, postgres_server.dsn, chain)
+        for n in range(3):
+            await log.append(entry(n))
+        assert await _terminate_writer(postgres_server.dsn, chain) == 1
+        after = [await log.append(entry(n)) for n in range(3, 8)]
+        await asyncio.wait_for(log.wait_drained(), timeout=30)
+        after += [await log.append(entry(8))]
+        await log.close()
+        assert [r.seq for r in after] == list(range(4, 10))
+        assert await _seqs(postgres_server.dsn, chain) == list(range(1, 10))
+        assert (await _verify(tmp_path, postgres_server.dsn, chain)).intact
 
     async def test_reopening_continues_the_chain(
         self, tmp_path: Path, postgres_server: PostgresService

@@ -1,4 +1,4 @@
-"""The cluster store: PostgreSQL via asyncpg, one INSERT per batch in one transaction.
+"""The cluster store: PostgreSQL via asyncpg, one INSERT statement (one transaction) per batch.
 
 Every gateway instance writes its own chain (``chain_id``), so replicas never
 contend for a row. ``record`` holds the canonical JSON document exactly as
@@ -24,7 +24,7 @@ import orjson
 from audit.record import Record, RecordFormatError, canonical, record_hash
 from audit.stores import Head, StoreError
 
-__all__ = ["SCHEMA", "PostgresStore", "iter_checkpoints", "iter_records"]
+__all__ = ["SCHEMA", "PostgresStore", "application_name", "iter_checkpoints", "iter_records"]
 
 _log = logging.getLogger("audit.postgres")
 
@@ -103,6 +103,14 @@ _DB_ERRORS: Final = (
 
 
 class PostgresStore:
+    """One chain's records in PostgreSQL, over one connection of its own.
+
+    Every call comes from the chain's writer, drainer or probe, which take
+    turns (``AuditLog``'s I/O lock), so a pool would only add its acquire and
+    its reset query (a round trip) to every batch. A connection that failed
+    is dropped and the next call connects again.
+    """
+
     kind = "postgres"
 
     def __init__(self, dsn: str, *, chain_id: str, timeout_s: float = 2.0) -> None:
@@ -113,28 +121,42 @@ class PostgresStore:
         self.syncs = 0
         self._dsn = dsn
         self._timeout = timeout_s
-        self._pool: asyncpg.Pool | None = None
+        self._active = False
+        self._conn: asyncpg.Connection | None = None
+
+    async def _connection(self) -> asyncpg.Connection:
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            conn = await asyncpg.connect(
+                self._dsn,
+                timeout=self._timeout,
+                command_timeout=self._timeout,
+                # Names the chain's writer in pg_stat_activity (63 bytes at most).
+                server_settings={"application_name": application_name(self.chain_id)},
+            )
+            self._conn = conn
+        return conn
+
+    def _drop(self) -> None:
+        """Forget a connection whose state is unknown after an error."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
 
     async def open(self) -> Head | None:
         self.opened = False
+        self._active = True
         try:
-            if self._pool is None:
-                self._pool = await asyncpg.create_pool(
-                    self._dsn,
-                    min_size=1,
-                    max_size=4,
-                    timeout=self._timeout,
-                    command_timeout=self._timeout,
-                )
-            async with self._pool.acquire(timeout=self._timeout) as conn:
-                # Only create what is missing, so a role with INSERT and SELECT
-                # alone can run the gateway once the tables exist.
-                if not await conn.fetchval(_SCHEMA_READY):
-                    async with conn.transaction():
-                        await conn.execute("SELECT pg_advisory_xact_lock($1)", _DDL_LOCK)
-                        await conn.execute(SCHEMA)
-                line = await conn.fetchval(_HEAD, self.chain_id)
+            conn = await self._connection()
+            # Only create what is missing, so a role with INSERT and SELECT
+            # alone can run the gateway once the tables exist.
+            if not await conn.fetchval(_SCHEMA_READY):
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", _DDL_LOCK)
+                    await conn.execute(SCHEMA)
+            line = await conn.fetchval(_HEAD, self.chain_id)
         except _DB_ERRORS as exc:
+            self._drop()
             raise StoreError(f"postgres: cannot open the audit tables: {_describe(exc)}") from None
         self.head = None if line is None else _head(line, self.chain_id)
         self.dirty = False
@@ -144,52 +166,53 @@ class PostgresStore:
     async def write(self, records: Sequence[Record]) -> None:
         if not records:
             return
-        if self._pool is None or not self.opened or self.dirty:
+        if not self._active or not self.opened or self.dirty:
             raise StoreError("postgres: the store is not open")
         columns = _columns(records)
         phase = "connect"
         try:
-            async with self._pool.acquire(timeout=self._timeout) as conn:
-                phase = "insert"
-                transaction = conn.transaction()
-                await transaction.start()
-                try:
-                    await conn.execute(_INSERT, self.chain_id, *columns)
-                except BaseException:
-                    await transaction.rollback()
-                    raise
-                # SECURITY: an error from here on leaves the outcome unknown
-                # (the COMMIT may have landed): the store must re-read its tail.
-                phase = "commit"
-                await transaction.commit()
+            conn = await self._connection()
+            # One statement outside a transaction block: PostgreSQL runs it in
+            # its own transaction and commits it (durably, with
+            # synchronous_commit on) before it answers ReadyForQuery, which is
+            # when asyncpg returns. All rows or none, in one round trip instead
+            # of BEGIN, INSERT, COMMIT.
+            # SECURITY: once it is sent, an error leaves the outcome unknown
+            # (the commit may have landed): the store must re-read its tail.
+            phase = "insert"
+            await conn.execute(_INSERT, self.chain_id, *columns)
         except _DB_ERRORS as exc:
-            if phase == "commit":
+            self._drop()
+            if phase == "insert":
                 self.dirty = True
             raise StoreError(f"postgres: batch not written ({phase}): {_describe(exc)}") from None
         self.syncs += 1
         self.head = Head(records[-1].seq, records[-1].hash)
 
     async def write_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self._pool is None:
+        if not self._active:
             raise StoreError("postgres: the store is not open")
         try:
-            await self._pool.execute(
+            conn = await self._connection()
+            await conn.execute(
                 _INSERT_CHECKPOINT,
                 self.chain_id,
                 checkpoint["seq"],
                 checkpoint["hash"],
                 canonical(checkpoint).decode(),
-                timeout=self._timeout,
             )
         except _DB_ERRORS as exc:
+            self._drop()
             raise StoreError(f"postgres: checkpoint not written: {_describe(exc)}") from None
 
     async def last_checkpoint(self) -> dict[str, Any] | None:
-        if self._pool is None:
+        if not self._active:
             raise StoreError("postgres: the store is not open")
         try:
-            text = await self._pool.fetchval(_LAST_CHECKPOINT, self.chain_id)
+            conn = await self._connection()
+            text = await conn.fetchval(_LAST_CHECKPOINT, self.chain_id)
         except _DB_ERRORS as exc:
+            self._drop()
             raise StoreError(f"postgres: cannot read checkpoints: {_describe(exc)}") from None
         if text is None:
             return None
@@ -197,13 +220,19 @@ class PostgresStore:
         return document
 
     async def close(self) -> None:
-        pool, self._pool = self._pool, None
+        conn, self._conn = self._conn, None
+        self._active = False
         self.opened = False
-        if pool is not None:
+        if conn is not None:
             try:
-                await asyncio.wait_for(pool.close(), timeout=self._timeout)
+                await asyncio.wait_for(conn.close(), timeout=self._timeout)
             except (TimeoutError, *_DB_ERRORS):
-                pool.terminate()
+                conn.terminate()
+
+
+def application_name(chain_id: str) -> str:
+    """The ``application_name`` of a chain's connection."""
+    return f"nops-audit {chain_id}"[:63]
 
 
 def _describe(exc: BaseException) -> str:
