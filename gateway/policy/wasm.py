@@ -114,14 +114,17 @@ class WasmPolicy:
         # Every evaluation starts from here: the data stays, everything after is scratch.
         self._heap: int = self._call(self._heap_ptr_get)
 
-    def evaluate(self, entrypoint: int, input_json: bytes) -> bytes:
+    def evaluate(self, entrypoint: int, input_json: bytes | None) -> bytes:
         """The result set of ``entrypoint`` on ``input_json``, as JSON.
 
         ``[]`` when the rule is undefined, else ``[{"result": <value>}]``.
+        ``input_json`` None leaves ``input`` undefined (as ``opa test`` does).
         """
         heap = self._heap
+        input_json = input_json or b""
         self._reserve(heap + len(input_json))
-        self._memory.write(self._store, input_json, heap)
+        if input_json:
+            self._memory.write(self._store, input_json, heap)
         result: int = self._call(
             self._eval, 0, entrypoint, self._data, heap, len(input_json),
             heap + len(input_json), _FORMAT_JSON,
