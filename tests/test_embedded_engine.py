@@ -19,9 +19,15 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.config import ConfigError, parse_config
-from gateway.policy.embedded import EmbeddedEngine, EmbeddedPolicyError
+from gateway.policy.embedded import (
+    DECISION_FUEL,
+    EmbeddedEngine,
+    EmbeddedPolicyError,
+    compile_policy,
+)
 from gateway.policy.stack import POLICY_STACK
-from gateway.policy.supervisor import LocalBundle
+from gateway.policy.supervisor import LocalBundle, PolicySnapshot
+from gateway.policy.wasm import WasmPolicy, WasmPolicyError
 from tests.bundles import (
     KeyPair,
     bundle_fixture,  # noqa: F401 - fixture
@@ -111,6 +117,26 @@ class TestDecisions:
         body = await assert_problem(response, 503, "policy-unavailable", ["policy_engine_error"])
         assert len(body["decision_id"]) == 36
 
+    async def test_runaway_evaluation_is_stopped_and_fails_closed(
+        self, make_gateway: GatewayFactory, tmp_path: Path
+    ) -> None:
+        """A decision past its fuel (4e8 iterations here) stops: 503, and the next one works."""
+        policies = copy_policies(tmp_path)
+        (policies / "runaway").mkdir()
+        (policies / "runaway" / "runaway.rego").write_text(
+            "package runaway\n\n"
+            'decision := {"allow": true, "reasons": ["allowed"], "obligations": {}} '
+            'if input.request.method != "DELETE"\n\n'
+            'decision := {"allow": _spin > 0, "reasons": ["allowed"], "obligations": {}} '
+            'if input.request.method == "DELETE"\n\n'
+            "_spin := count([1 | some _ in numbers.range(1, 20000); "
+            "some _ in numbers.range(1, 20000)])\n"
+        )
+        client = await make_gateway(policy=embedded(policies, decision_path="runaway/decision"))
+        response = await client.delete("/readonly/x")
+        await assert_problem(response, 503, "policy-unavailable", ["policy_engine_error"])
+        assert (await client.get("/readonly/x")).status == 200
+
     async def test_cache_and_admin_see_the_revision(self, make_gateway: GatewayFactory) -> None:
         """Decisions carry nops=<revision>; the cache serves repeats; admin shows the engine."""
         client = await make_gateway(policy=embedded(), admin={"keys": ADMIN_KEYS})
@@ -196,6 +222,64 @@ class TestSignedBundles:
         with pytest.raises(EmbeddedPolicyError, match=message):
             await engine.start()
         assert engine.policy is None
+
+
+def write_policy(directory: Path, rego: str) -> Path:
+    """A one-file policy directory, package ``t``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "t.rego").write_text("package t\n\n" + rego + "\n")
+    return directory
+
+
+class TestWasmPolicy:
+    async def test_out_of_fuel_stops_the_evaluation_not_the_engine(self, tmp_path: Path) -> None:
+        """A long evaluation stops at its fuel budget; the next, short one still answers."""
+        policy = write_policy(tmp_path, "n := count([x | some x in numbers.range(1, input.n)])")
+        compiled = await compile_policy(
+            OPA_BINARY, ("t/n",), PolicySnapshot.read(policy), fuel=DECISION_FUEL
+        )
+        entrypoint = compiled.entrypoint("t/n")
+        with pytest.raises(WasmPolicyError, match="ran out of fuel"):
+            compiled.module.evaluate(entrypoint, b'{"n": 100000000}')
+        assert compiled.module.evaluate(entrypoint, b'{"n": 1000}') == b'[{"result":1000}]'
+
+    async def test_host_builtins_are_refused_by_name(self, tmp_path: Path) -> None:
+        """A policy needing built-ins the host would provide does not load; they are named."""
+        policy = write_policy(
+            tmp_path, 'd := semver.compare(input.v, "1.0.0")\n\nr := opa.runtime()'
+        )
+        with pytest.raises(
+            EmbeddedPolicyError, match=r"host does not provide: opa\.runtime, semver"
+        ):
+            await compile_policy(OPA_BINARY, ("t/d", "t/r"), PolicySnapshot.read(policy))
+
+    @pytest.mark.parametrize(
+        ("module", "message"),
+        [
+            pytest.param(b"", "not a WebAssembly module", id="empty"),
+            pytest.param(b"\0asm\1\0\0\0", "imports no memory", id="no-opa-abi"),
+        ],
+    )
+    def test_not_an_opa_module(self, module: bytes, message: str) -> None:
+        """Anything but an OPA policy module is refused before it runs."""
+        with pytest.raises(WasmPolicyError, match=message):
+            WasmPolicy(module, b"{}")
+
+    @pytest.mark.parametrize(
+        ("document", "result"),
+        [
+            pytest.param(None, b"[]", id="undefined-input"),
+            pytest.param(b"null", b'[{"result":null}]', id="null-input"),
+            pytest.param(b'{"a":[1,"x"]}', b'[{"result":{"a":[1,"x"]}}]', id="object"),
+        ],
+    )
+    async def test_input_reaches_the_policy(
+        self, tmp_path: Path, document: bytes | None, result: bytes
+    ) -> None:
+        """Input None is undefined (as in opa test), anything else is parsed as given."""
+        policy = write_policy(tmp_path, "z := input")
+        compiled = await compile_policy(OPA_BINARY, ("t/z",), PolicySnapshot.read(policy))
+        assert compiled.module.evaluate(compiled.entrypoint("t/z"), document) == result
 
 
 class TestConfiguration:

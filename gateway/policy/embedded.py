@@ -16,7 +16,8 @@ engine). It loads exactly what the supervised OPA would
 Only the decision path is compiled as an entrypoint. The directory (or file)
 is watched like the supervised OPA's: a change is compiled and swapped in
 atomically with its revision; one that does not build or verify is logged and
-the last good policy stays. Every decision carries ``nops=<revision>``, the
+the last good policy stays. Each evaluation may burn at most
+:data:`DECISION_FUEL` of wasmtime's fuel. Every decision carries ``nops=<revision>``, the
 form OPA's provenance gives, so the decision cache, audit records and shadow
 comparisons read the same with either engine.
 
@@ -50,9 +51,11 @@ from gateway.policy.wasm import WasmPolicy, WasmPolicyError
 
 __all__ = [
     "BUNDLE_NAME",
+    "DECISION_FUEL",
     "CompiledPolicy",
     "EmbeddedEngine",
     "EmbeddedPolicyError",
+    "SignedBundle",
     "compile_policy",
 ]
 
@@ -67,6 +70,10 @@ _BUNDLE_POLL_S: Final = 1.0
 #: The only files a wasm bundle built here may hold besides its policy sources.
 _MODULE: Final = "/policy.wasm"
 _DATA: Final = "/data.json"
+#: Wasm fuel (about one unit per instruction) one decision may burn: ~1,000x
+#: what today's authz decision takes (~1.7e5). Past it the evaluation stops
+#: and the request fails closed, as when OPA exceeds policy.timeout_s.
+DECISION_FUEL: Final = 200_000_000
 
 
 class EmbeddedPolicyError(RuntimeError):
@@ -98,9 +105,16 @@ class SignedBundle:
 
 
 async def compile_policy(
-    binary: Path, entrypoints: tuple[str, ...], source: PolicySnapshot | SignedBundle
+    binary: Path,
+    entrypoints: tuple[str, ...],
+    source: PolicySnapshot | SignedBundle,
+    *,
+    fuel: int | None = DECISION_FUEL,
 ) -> CompiledPolicy:
-    """Build ``source`` to wasm with ``opa build`` (``binary``: an absolute path) and load it."""
+    """Build ``source`` to wasm with ``opa build`` (``binary``: an absolute path) and load it.
+
+    ``fuel`` bounds each evaluation (None: unbounded).
+    """
     with tempfile.TemporaryDirectory(prefix="nops-wasm-") as tmp:
         work = Path(tmp)
         out = work / "wasm.tar.gz"
@@ -124,10 +138,10 @@ async def compile_policy(
             ]
         await _run(args, cwd=work)
         built = await asyncio.to_thread(out.read_bytes)
-    return await asyncio.to_thread(_load, built)
+    return await asyncio.to_thread(_load, built, fuel)
 
 
-def _load(built: bytes) -> CompiledPolicy:
+def _load(built: bytes, fuel: int | None) -> CompiledPolicy:
     files: dict[str, bytes] = {}
     with tarfile.open(fileobj=io.BytesIO(built)) as archive:
         for member in archive.getmembers():
@@ -143,7 +157,7 @@ def _load(built: bytes) -> CompiledPolicy:
         raise EmbeddedPolicyError(f"unexpected data files in the built bundle: {data_files}")
     data_bytes = files.get(_DATA, b"{}")
     try:
-        module = WasmPolicy(files[_MODULE], data_bytes)
+        module = WasmPolicy(files[_MODULE], data_bytes, fuel=fuel)
     except WasmPolicyError as exc:
         raise EmbeddedPolicyError(str(exc)) from None
     revision = manifest.get("revision", "") if isinstance(manifest, dict) else ""
@@ -258,7 +272,12 @@ class EmbeddedEngine:
             answer = policy.module.evaluate(self._entrypoint, orjson.dumps(document))
             results = orjson.loads(answer)
         except (WasmPolicyError, orjson.JSONEncodeError, orjson.JSONDecodeError) as exc:
-            # SECURITY: the evaluation failed; the caller fails closed.
+            # SECURITY: the evaluation failed; the caller fails closed. The
+            # message names the policy's file and line, never the input.
+            _log.error(
+                "embedded evaluation failed",
+                extra={"decision_id": decision_id, "error": str(exc)[:300]},
+            )
             raise PolicyEngineError(type(exc).__name__) from None
         if results == []:
             result = None

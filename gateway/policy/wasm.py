@@ -13,7 +13,10 @@ built-in these policies use is compiled into the module, and a host
 implementation would be a second implementation of OPA's semantics that no
 conformance test pins (docs/adr: the embedded policy engine). ``opa_abort``
 (an evaluation error, such as a conflict between two rule values) and a
-trap become :class:`WasmPolicyError`; the caller fails closed.
+trap become :class:`WasmPolicyError`; the caller fails closed. So does an
+evaluation that runs out of fuel: with ``fuel``, wasmtime counts the
+instructions of each evaluation and stops it past that budget, so a runaway
+policy cannot hold the event loop.
 
 Not thread-safe: one instance is used from one thread (the event loop).
 """
@@ -35,6 +38,8 @@ _ABI: Final = (1, 2)
 #: ``opa_eval``'s output format 0: the result set as JSON.
 _FORMAT_JSON: Final = 0
 _I32: Final = wasmtime.ValType.i32()
+#: Fuel for loading a module and its data (not bounded by the per-evaluation budget).
+_LOAD_FUEL: Final = 1 << 62
 
 
 class WasmPolicyError(Exception):
@@ -50,9 +55,14 @@ class _Abort(Exception):
 class WasmPolicy:
     """One compiled policy and its data, ready to evaluate any entrypoint."""
 
-    def __init__(self, module: bytes, data: bytes) -> None:
-        engine = wasmtime.Engine()
+    def __init__(self, module: bytes, data: bytes, *, fuel: int | None = None) -> None:
+        config = wasmtime.Config()
+        config.consume_fuel = fuel is not None
+        engine = wasmtime.Engine(config)
         self._store = wasmtime.Store(engine)
+        self._fuel = fuel
+        if fuel is not None:
+            self._store.set_fuel(_LOAD_FUEL)  # loading (parsing the data) is not an evaluation
         try:
             compiled = wasmtime.Module(engine, module)
         except wasmtime.WasmtimeError as exc:
@@ -121,6 +131,8 @@ class WasmPolicy:
         ``input_json`` None leaves ``input`` undefined (as ``opa test`` does).
         """
         heap = self._heap
+        if self._fuel is not None:
+            self._store.set_fuel(self._fuel)
         input_json = input_json or b""
         self._reserve(heap + len(input_json))
         if input_json:
@@ -167,8 +179,12 @@ class WasmPolicy:
             result = function(self._store, *args)
         except _Abort as exc:
             raise WasmPolicyError(f"evaluation aborted: {exc}") from None
-        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-            raise WasmPolicyError(f"evaluation trapped: {exc}") from None
+        except wasmtime.Trap as exc:
+            if exc.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
+                raise WasmPolicyError(f"evaluation ran out of fuel ({self._fuel})") from None
+            raise WasmPolicyError(f"evaluation trapped: {exc.message[:300]}") from None
+        except wasmtime.WasmtimeError as exc:
+            raise WasmPolicyError(f"evaluation failed: {str(exc)[:300]}") from None
         return int(result) if result is not None else 0
 
     def _abort(self, address: int) -> None:
