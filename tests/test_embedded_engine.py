@@ -271,6 +271,11 @@ class TestWasmPolicy:
             pytest.param(None, b"[]", id="undefined-input"),
             pytest.param(b"null", b'[{"result":null}]', id="null-input"),
             pytest.param(b'{"a":[1,"x"]}', b'[{"result":{"a":[1,"x"]}}]', id="object"),
+            pytest.param(
+                b'{"a":"' + b"x" * 10_000 + b'"}',
+                b'[{"result":{"a":"' + b"x" * 10_000 + b'"}}]',
+                id="result-longer-than-a-read-chunk",
+            ),
         ],
     )
     async def test_input_reaches_the_policy(

@@ -38,6 +38,8 @@ _ABI: Final = (1, 2)
 #: ``opa_eval``'s output format 0: the result set as JSON.
 _FORMAT_JSON: Final = 0
 _I32: Final = wasmtime.ValType.i32()
+#: Bytes read at a time while looking for a string's terminating NUL.
+_CHUNK: Final = 4096
 #: Fuel for loading a module and its data (not bounded by the per-evaluation budget).
 _LOAD_FUEL: Final = 1 << 62
 
@@ -151,11 +153,21 @@ class WasmPolicy:
             self._memory.grow(self._store, (end - size) // _PAGE + 1)
 
     def _string(self, address: int) -> bytes:
-        """The NUL-terminated string at ``address``."""
-        if not 0 < address < self._memory.data_len(self._store):
+        """The NUL-terminated string at ``address``, never read past the memory's end."""
+        size = self._memory.data_len(self._store)
+        if not 0 < address < size:
             raise WasmPolicyError("the module returned an address outside its memory")
         base = ctypes.addressof(self._memory.data_ptr(self._store).contents)
-        return ctypes.string_at(base + address)
+        chunks = []
+        while address < size:
+            chunk = ctypes.string_at(base + address, min(_CHUNK, size - address))
+            end = chunk.find(b"\0")
+            if end >= 0:
+                chunks.append(chunk[:end])
+                return b"".join(chunks)
+            chunks.append(chunk)
+            address += len(chunk)
+        raise WasmPolicyError("the module returned an unterminated string")
 
     def _parse(self, document: bytes) -> int:
         """Parse JSON into a value in the module's memory; its address."""
