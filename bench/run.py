@@ -4,6 +4,7 @@
     python -m bench.run [--quick] [--reps 3] [--workers 1] [--generator auto|python|wrk]
                         [--audit-store postgres|file] [--no-scaling] [--out FILE]
                         [--decision-cache on|off] [--cache-key-exclude PATHS]
+                        [--policy-engine opa|embedded]
 
 Starts, on loopback: a private Redis, a durable PostgreSQL (audit store; or
 the file store), a real OPA as deployed (deploy/opa/config.yaml: it polls
@@ -11,7 +12,9 @@ policies/rego as a signed bundle, built by scripts/build-bundle with a
 content revision, from gateway.policy.bundle_server; so the gateway's
 decision cache can serve repeats, unless ``--decision-cache off``; with
 ``--cache-key-exclude``, default signature.created, left out of the cache
-key and of the policy input), a real aiohttp upstream
+key and of the policy input; with ``--policy-engine embedded`` the gateway
+evaluates the same signed bundle in-process instead, compiled to wasm), a
+real aiohttp upstream
 (gateway.echo), the bare aiohttp reverse proxy (bench.bare_proxy, uvloop,
 keep-alive, ``--workers`` processes on one port) and the gateway
 (``gateway serve --workers N``) with the full pipeline on ``/locked/``
@@ -138,6 +141,8 @@ class Services:
     others: dict[str, int] = field(default_factory=dict)  # name -> pid, for CPU accounting
     #: The gateway config's [policy.cache] table.
     policy_cache: str = "enabled = true"
+    #: The gateway config's [policy] lines: an OPA address, or the embedded engine.
+    policy: str = ""
 
 
 def _spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -174,6 +179,15 @@ def _signed_bundle(workdir: Path) -> tuple[Path, Path]:
         check=True, capture_output=True, cwd=ROOT,
     )  # fmt: skip
     return bundle, public
+
+
+def _policy_toml(settings: Settings, opa_url: str, bundle: Path, public: Path) -> str:
+    if settings.policy_engine == "embedded":
+        return (
+            f'engine = "embedded"\nopa_binary = "{OPA}"\n'
+            f'bundle_file = "{bundle}"\nverification_key_file = "{public}"'
+        )
+    return f'url = "{opa_url}"'
 
 
 def _policy_cache_toml(settings: Settings) -> str:
@@ -227,6 +241,7 @@ def services(workdir: Path, settings: Settings) -> Iterator[Services]:
             token=token,
             others={"opa": opa.pid, "redis": redis.pid, "upstream": upstream.pid},
             policy_cache=_policy_cache_toml(settings),
+            policy=_policy_toml(settings, f"http://127.0.0.1:{ports['opa']}", bundle, public),
         )
     finally:
         for process in started:
@@ -251,7 +266,7 @@ def write_config(svc: Services, name: str) -> Path:
 host = "127.0.0.1"
 shutdown_timeout_s = 5
 [policy]
-url = "{svc.opa_url}"
+{svc.policy}
 [policy.cache]
 {svc.policy_cache}
 [dependencies]
@@ -366,6 +381,7 @@ class Settings:
     loads: list[float]
     decision_cache: str = "on"
     cache_key_exclude: tuple[str, ...] = ("signature.created",)
+    policy_engine: str = "opa"
 
 
 def _unsigned(port: int, path: str) -> list[bytes]:
@@ -708,7 +724,8 @@ def report(results: dict[str, Any]) -> None:
     m = results["max_throughput"]
     print(
         f"NOPS gateway vs bare aiohttp proxy: {s['workers']} process(es) each, generator "
-        f"{s['generator']}, audit store {s['audit_store']}, decision cache "
+        f"{s['generator']}, audit store {s['audit_store']}, policy engine "
+        f"{s.get('policy_engine', 'opa')}, decision cache "
         f"{s['decision_cache']} (key without {','.join(s['cache_key_exclude']) or '-'}), "
         f"medians of {s['reps']} rep(s); "
         f"load average {results['machine']['loadavg_start'][0]} -> "
@@ -805,6 +822,12 @@ def main(argv: list[str] | None = None) -> int:
         default="signature.created",
         help="comma-separated input paths left out of the cache key (and of the policy input)",
     )
+    parser.add_argument(
+        "--policy-engine",
+        choices=("opa", "embedded"),
+        default="opa",
+        help="the gateway's policy.engine: OPA over loopback, or in-process wasm",
+    )
     args = parser.parse_args(argv)  # fmt: skip
     generator = args.generator
     if generator == "auto":
@@ -827,6 +850,7 @@ def main(argv: list[str] | None = None) -> int:
         loads=[float(x) for x in args.loads.split(",") if x],
         decision_cache=args.decision_cache,
         cache_key_exclude=tuple(x for x in args.cache_key_exclude.split(",") if x),
+        policy_engine=args.policy_engine,
     )
     results = run(settings, args.out)
     report(results)

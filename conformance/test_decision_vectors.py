@@ -8,9 +8,12 @@ and the decision the policies must give. Each vector is replayed through
   server loaded from policies/rego (``opa-dir``), and
 - the same engine against the supervised OPA on the signed bundle built by
   scripts/build-bundle (``opa-bundle``),
+- the in-process :class:`~gateway.policy.embedded.EmbeddedEngine` (the
+  policy compiled to WebAssembly) on policies/rego (``embedded-dir``) and on
+  the same signed bundle (``embedded-bundle``),
 
-and all three answers must equal the expected decision. An in-process engine
-(DESIGN.md) is admitted only once it passes this file too.
+and all five answers must equal the expected decision: the embedded engine's
+conformance gate (issue #10), with conformance/test_embedded_rego_tests.py.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import jsonschema
 import pytest
 import pytest_asyncio
 
+from gateway.policy.embedded import EmbeddedEngine
+from gateway.policy.engine import Decision
 from gateway.policy.opa import OpaEngine
 from gateway.policy.result import load_schema
 from gateway.policy.supervisor import LocalBundle, LocalOpa
@@ -90,17 +95,48 @@ async def opa_bundle(
     await opa.stop()
 
 
+DECISION_PATHS = ("nops/authz/decision", "nops/egress/decision")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def embedded(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[dict[tuple[str, str], EmbeddedEngine]]:
+    """Embedded engines by (source, decision path): the directory, and a signed bundle."""
+    directory = tmp_path_factory.mktemp("conformance-embedded")
+    keys = KeyPair(directory / "keys")
+    bundle = directory / "bundle.tar.gz"
+    build_bundle(bundle, keys)
+    engines: dict[tuple[str, str], EmbeddedEngine] = {}
+    for path in DECISION_PATHS:
+        engines["dir", path] = EmbeddedEngine(OPA_BINARY, POLICY_DIR, decision_path=path)
+        engines["bundle", path] = EmbeddedEngine(
+            OPA_BINARY, directory, decision_path=path, bundle=LocalBundle(bundle, keys.public)
+        )
+    try:
+        for engine in engines.values():
+            await engine.start()
+        yield engines
+    finally:
+        for engine in engines.values():
+            await engine.close()
+
+
+def as_vector_answer(decision: Decision) -> dict[str, Any]:
+    return {
+        "allow": decision.allow,
+        "reasons": list(decision.reasons),
+        "obligations": dict(decision.obligations),
+    }
+
+
 async def engine_decide(url: str, vector: dict[str, Any]) -> dict[str, Any]:
     engine = OpaEngine(url, decision_path=vector["decision_path"], timeout_s=5)
     try:
         decision = await engine.decide(vector["input"], "conformance")
     finally:
         await engine.close()
-    return {
-        "allow": decision.allow,
-        "reasons": list(decision.reasons),
-        "obligations": dict(decision.obligations),
-    }
+    return as_vector_answer(decision)
 
 
 class TestVectorSet:
@@ -154,16 +190,41 @@ class TestVectorSet:
 @pytest.mark.parametrize("path", VECTORS, ids=[p.stem for p in VECTORS])
 class TestReplay:
     async def test_every_engine_gives_the_expected_decision(
-        self, path: Path, tmp_path: Path, opa_dir: OpaProcess, opa_bundle: LocalOpa
+        self,
+        path: Path,
+        tmp_path: Path,
+        opa_dir: OpaProcess,
+        opa_bundle: LocalOpa,
+        embedded: dict[tuple[str, str], EmbeddedEngine],
     ) -> None:
-        """opa eval, the gateway engine on OPA (directory) and on the signed bundle agree."""
+        """opa eval, OPA (directory, signed bundle) and the embedded engine (both) agree."""
         vector = load(path)
+        decision_path = vector["decision_path"]
         answers = {
             "opa-eval": opa_eval(vector, tmp_path),
             "opa-dir": await engine_decide(opa_dir.url, vector),
             "opa-bundle": await engine_decide(opa_bundle.url, vector),
         }
+        for source in ("dir", "bundle"):
+            decision = await embedded[source, decision_path].decide(vector["input"], "conformance")
+            answers[f"embedded-{source}"] = as_vector_answer(decision)
         assert answers == dict.fromkeys(answers, vector["expected"])
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize("decision_path", DECISION_PATHS)
+async def test_embedded_revision_is_the_one_opa_reports(
+    decision_path: str, embedded: dict[tuple[str, str], EmbeddedEngine], opa_bundle: LocalOpa
+) -> None:
+    """An embedded decision on a signed bundle carries nops=<revision>, as OPA reports it."""
+    vector = load(VECTORS[0])
+    decision = await embedded["bundle", decision_path].decide(vector["input"], "conformance")
+    opa = OpaEngine(opa_bundle.url, decision_path=decision_path, timeout_s=5)
+    try:
+        assert decision.revision == await opa.revision()
+        assert decision.revision.startswith("nops=sha256-")
+    finally:
+        await opa.close()
 
 
 def test_opa_binary_is_the_pinned_one() -> None:

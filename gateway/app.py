@@ -32,7 +32,7 @@ from gateway.pipeline import Pipeline, PipelineDeps, build_pipeline
 from gateway.pipeline.ratelimit import Ratelimit
 from gateway.pipeline.route import Route
 from gateway.policy.engine import PolicyEngine
-from gateway.policy.stack import POLICY_STACK, open_policy_stack
+from gateway.policy.stack import POLICY_STACK, EnforcingEngine, open_policy_stack
 from gateway.policy.supervisor import LocalBundle, LocalOpa
 from gateway.proxy import ReverseProxy
 from gateway.telemetry import Telemetry
@@ -135,8 +135,26 @@ async def _readyz(request: web.Request) -> web.StreamResponse:
 async def _policy_engine(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     local: LocalOpa | None = None
+    enforcing: EnforcingEngine | None = None
     url = config.policy.url
-    if not url:
+    if config.policy.engine == "embedded":
+        # Imported only when selected: wasmtime stays out of an OPA gateway.
+        try:
+            from gateway.policy.embedded import EmbeddedEngine
+        except ImportError as exc:
+            raise RuntimeError(
+                "policy.engine = \"embedded\" needs wasmtime: pip install 'nops-gateway[embedded]'"
+            ) from exc
+
+        embedded = EmbeddedEngine(
+            _opa_binary(config.policy),
+            Path(config.policy.bundle_dir),
+            decision_path=config.policy.decision_path,
+            bundle=_bundle(config.policy),
+        )
+        await embedded.start()
+        enforcing = embedded
+    elif not url:
         local = LocalOpa(
             _opa_binary(config.policy),
             Path(config.policy.bundle_dir),
@@ -146,7 +164,9 @@ async def _policy_engine(app: web.Application) -> AsyncIterator[None]:
         url = local.url
     app[LOCAL_OPA] = local
     try:
-        async with open_policy_stack(config.policy, url, app[METRICS]) as stack:
+        async with open_policy_stack(
+            config.policy, url, app[METRICS], enforcing=enforcing
+        ) as stack:
             if local is not None and stack.cache is not None:
                 # SECURITY: no hit while the supervised OPA is down (fails closed, ADR 0018).
                 local.on_exit.append(stack.cache.recheck)

@@ -1,4 +1,4 @@
-"""``[policy]``: the OPA engine, its decision cache and shadow mode."""
+"""``[policy]``: the policy engine (OPA, or embedded), its decision cache and shadow mode."""
 
 from __future__ import annotations
 
@@ -68,7 +68,10 @@ class PolicyShadowConfig:
 
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
-    engine: Literal["opa"] = "opa"
+    #: "opa": an OPA server decides over loopback HTTP (``url``, or a supervised
+    #: local one). "embedded": the same policy compiled to WebAssembly with
+    #: ``opa_binary`` and evaluated in-process (ADR: the embedded policy engine).
+    engine: Literal["opa", "embedded"] = "opa"
     #: Address of an OPA server. Empty: the gateway starts and supervises a
     #: local ``opa run --server`` loaded from ``bundle_file`` or ``bundle_dir``.
     url: str = ""
@@ -102,6 +105,17 @@ class PolicyConfig:
                 bool(self.verification_key_file),
                 f"{key}.verification_key_file",
                 "is required with bundle_file (bundles are loaded only when signed)",
+            )
+        if self.engine == "embedded":
+            _require(
+                not self.url,
+                f"{key}.url",
+                'must be empty with engine = "embedded" (it loads bundle_dir or bundle_file)',
+            )
+            _require(
+                not self.shadow.enabled or bool(self.shadow.url),
+                f"{key}.shadow.url",
+                'is required with engine = "embedded": the candidate runs on an OPA server',
             )
         self.cache.validate(f"{key}.cache")
         self.shadow.validate(f"{key}.shadow")

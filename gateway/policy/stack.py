@@ -2,7 +2,7 @@
 
     ShadowEngine (if policy.shadow.enabled)      never changes the answer
      └── CachingEngine (if policy.cache.enabled)  same input + revision, same answer
-          └── OpaEngine                           the enforcing OPA
+          └── OpaEngine | EmbeddedEngine          the enforcing engine
 
 The shadow wrapper sits outside the cache so that cache hits are compared
 with the candidate too. The admin plane reads the parts through
@@ -15,7 +15,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 
@@ -26,17 +26,32 @@ from gateway.policy.engine import PolicyEngine
 from gateway.policy.opa import OpaEngine
 from gateway.policy.shadow import ShadowEngine
 
-__all__ = ["POLICY_STACK", "PolicyStack", "open_policy_stack"]
+__all__ = ["POLICY_STACK", "EnforcingEngine", "PolicyStack", "open_policy_stack"]
 
 _log = logging.getLogger("gateway.policy")
+
+
+class EnforcingEngine(PolicyEngine, Protocol):
+    """The engine whose answer is enforced: an OPA server, or the embedded engine."""
+
+    #: Where it runs, for the admin plane ("in-process" for the embedded engine).
+    url: str
+
+    async def revision(self) -> str:
+        """The bundle revisions in force, ``name=revision`` pairs ("" when none)."""
+        ...
+
+    async def data(self, path: str) -> Any:
+        """The document at ``data/<path>`` (None when undefined)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
 class PolicyStack:
     #: What the decision stage asks.
     engine: PolicyEngine
-    #: The enforcing OPA (revision, health).
-    opa: OpaEngine
+    #: The enforcing engine (revision, health, data), OPA or embedded.
+    opa: EnforcingEngine
     cache: CachingEngine | None = None
     shadow: ShadowEngine | None = None
 
@@ -47,11 +62,24 @@ POLICY_STACK: Final = web.AppKey("policy_stack", PolicyStack)
 
 @contextlib.asynccontextmanager
 async def open_policy_stack(
-    config: PolicyConfig, url: str, metrics: Metrics
+    config: PolicyConfig,
+    url: str,
+    metrics: Metrics,
+    *,
+    enforcing: EnforcingEngine | None = None,
 ) -> AsyncIterator[PolicyStack]:
-    """Build and start the engines for ``config`` against the OPA at ``url``."""
-    opa = OpaEngine(url, decision_path=config.decision_path, timeout_s=config.timeout_s)
-    await opa.start()
+    """Build and start the engines for ``config`` against the OPA at ``url``.
+
+    ``enforcing``, when given (the started embedded engine), decides instead
+    of an OPA at ``url``; the stack closes it.
+    """
+    opa: EnforcingEngine
+    if enforcing is None:
+        opa_server = OpaEngine(url, decision_path=config.decision_path, timeout_s=config.timeout_s)
+        await opa_server.start()
+        opa = opa_server
+    else:
+        opa = enforcing
     engine: PolicyEngine = opa
     cache: CachingEngine | None = None
     shadow: ShadowEngine | None = None
@@ -83,7 +111,8 @@ async def open_policy_stack(
         _log.info(
             "policy engine ready",
             extra={
-                "opa_url": url,
+                "engine": config.engine,
+                "opa_url": opa.url,
                 "decision_path": config.decision_path,
                 "cache": config.cache.enabled,
                 "shadow_path": config.shadow.decision_path if config.shadow.enabled else None,
