@@ -165,7 +165,7 @@ async def _policy_engine(app: web.Application) -> AsyncIterator[None]:
     app[LOCAL_OPA] = local
     try:
         async with open_policy_stack(
-            config.policy, url, app[METRICS], enforcing=enforcing
+            config.policy, url, app[METRICS], enforcing=enforcing, supervised=local is not None
         ) as stack:
             if local is not None and stack.cache is not None:
                 # SECURITY: no hit while the supervised OPA is down (fails closed, ADR 0018).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -16,6 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway.policy.engine import PolicyEngineError
 from gateway.policy.opa import OpaEngine
 from gateway.policy.stack import POLICY_STACK
 from gateway.policy.supervisor import LocalBundle, LocalOpa, LocalOpaError
@@ -234,26 +236,34 @@ class TestSidecarConfig:
     ) -> Iterator[tuple[str, Path]]:
         server, served = bundle_server
         served.write_bytes(bundle.read_bytes())
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        args: list[Any] = [
-            OPA_BINARY,
-            *("run", "--server", "--addr", f"127.0.0.1:{port}", "--skip-version-check"),
-            *("--log-level", "error", "--config-file", SIDECAR_CONFIG),
-            *("--set", f"services.bundles.url={str(server.make_url('')).rstrip('/')}"),
-            *("--set", "bundles.nops.polling.min_delay_seconds=1"),
-            *("--set", "bundles.nops.polling.max_delay_seconds=1"),
-            *("--set-file", f"keys.nops-bundle.key={keys.public}"),
-        ]
-        process = subprocess.Popen(
-            [str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        try:
-            wait_healthy(url, process)
+        with _run_sidecar(server, keys) as url:
             yield url, served
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
+
+    async def test_no_bundle_yet_is_an_outage_when_a_bundle_is_required(
+        self, bundle_server: tuple[TestServer, Path], bundle: Path, keys: KeyPair
+    ) -> None:
+        """OPA answers before its bundle is active: require_bundle reads that as an
+        outage (PolicyEngineError -> 503), not as the policy's deny; then decides."""
+        server, served = bundle_server
+        with _run_sidecar(server, keys) as url:
+            strict = OpaEngine(
+                url, decision_path="nops/authz/decision", timeout_s=2, require_bundle=True
+            )
+            lenient = OpaEngine(url, decision_path="nops/authz/decision", timeout_s=2)
+            try:
+                assert await strict.revision() == ""
+                with pytest.raises(PolicyEngineError, match="NoBundleActivated"):
+                    await strict.decide(ECHO_GET, "d-1")
+                decision = await lenient.decide(ECHO_GET, "d-1")
+                assert (decision.allow, decision.reasons) == (False, ("decision_undefined",))
+
+                shutil.copyfile(bundle, served)
+                revision = await wait_revision(strict, lambda r: r.startswith("nops=sha256-"))
+                decision = await strict.decide(ECHO_GET, "d-2")
+                assert (decision.allow, decision.revision) == (True, revision)
+            finally:
+                await strict.close()
+                await lenient.close()
 
     async def test_polls_verifies_and_reports_revisions(
         self, sidecar: tuple[str, Path], tmp_path: Path, keys: KeyPair, other_keys: KeyPair
@@ -280,6 +290,31 @@ class TestSidecarConfig:
             assert await engine.revision() == f"nops={second}"
         finally:
             await engine.close()
+
+
+@contextlib.contextmanager
+def _run_sidecar(server: TestServer, keys: KeyPair) -> Iterator[str]:
+    """The OPA sidecar as deploy/opa/config.yaml configures it, polling ``server`` each second."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args: list[Any] = [
+        OPA_BINARY,
+        *("run", "--server", "--addr", f"127.0.0.1:{port}", "--skip-version-check"),
+        *("--log-level", "error", "--config-file", SIDECAR_CONFIG),
+        *("--set", f"services.bundles.url={str(server.make_url('')).rstrip('/')}"),
+        *("--set", "bundles.nops.polling.min_delay_seconds=1"),
+        *("--set", "bundles.nops.polling.max_delay_seconds=1"),
+        *("--set-file", f"keys.nops-bundle.key={keys.public}"),
+    ]
+    process = subprocess.Popen(
+        [str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_healthy(url, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 async def wait_revision(engine: OpaEngine, ok: Any, timeout_s: float = 15.0) -> str:

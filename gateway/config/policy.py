@@ -70,7 +70,7 @@ class PolicyShadowConfig:
 class PolicyConfig:
     #: "opa": an OPA server decides over loopback HTTP (``url``, or a supervised
     #: local one). "embedded": the same policy compiled to WebAssembly with
-    #: ``opa_binary`` and evaluated in-process (ADR: the embedded policy engine).
+    #: ``opa_binary`` and evaluated in-process (ADR 0020).
     engine: Literal["opa", "embedded"] = "opa"
     #: Address of an OPA server. Empty: the gateway starts and supervises a
     #: local ``opa run --server`` loaded from ``bundle_file`` or ``bundle_dir``.
@@ -91,6 +91,11 @@ class PolicyConfig:
     decision_path: str = "nops/authz/decision"
     #: Seconds one decision may take before the request fails closed (503).
     timeout_s: float = 0.5
+    #: The OPA at ``url`` is fed a bundle: an answer that names no activated
+    #: bundle (OPA up, bundle not yet or no longer active) fails closed as 503
+    #: ``policy-unavailable`` instead of being read as the policy's deny.
+    #: Always on for the supervised local OPA, which always serves a bundle.
+    require_bundle: bool = False
     cache: PolicyCacheConfig = field(default_factory=PolicyCacheConfig)
     shadow: PolicyShadowConfig = field(default_factory=PolicyShadowConfig)
 

@@ -34,7 +34,9 @@ _JSON: Final = {"Content-Type": "application/json"}
 class OpaEngine:
     """Evaluates ``decision_path`` on the OPA server at ``url``."""
 
-    def __init__(self, url: str, *, decision_path: str, timeout_s: float) -> None:
+    def __init__(
+        self, url: str, *, decision_path: str, timeout_s: float, require_bundle: bool = False
+    ) -> None:
         parsed = yarl.URL(url)
         if parsed.host is None or parsed.port is None:
             raise ValueError(f"OPA URL needs a host and port: {url}")
@@ -43,6 +45,8 @@ class OpaEngine:
         self._package = package
         self._rule = rule
         self._timeout_s = timeout_s
+        #: An answer with no bundle revision is "no policy loaded", not a decision.
+        self._require_bundle = require_bundle
         self._client = AsyncOpaClient(
             host=parsed.host,
             port=parsed.port,
@@ -78,10 +82,15 @@ class OpaEngine:
             raise PolicyEngineError(type(exc).__name__) from None
         if not isinstance(answer, dict):
             raise PolicyEngineError("ValueError")
+        revision = _revision(answer.get("provenance"))
+        if self._require_bundle and not revision:
+            # SECURITY: OPA answered before (or after losing) its bundle: every
+            # rule is undefined there, which is an outage, not the policy's deny.
+            raise PolicyEngineError("NoBundleActivated")
         return interpret(
             answer.get("result"),
             decision_id=decision_id,
-            revision=_revision(answer.get("provenance")),
+            revision=revision,
             engine_decision_id=answer.get("decision_id"),
         )
 

@@ -67,15 +67,22 @@ async def open_policy_stack(
     metrics: Metrics,
     *,
     enforcing: EnforcingEngine | None = None,
+    supervised: bool = False,
 ) -> AsyncIterator[PolicyStack]:
     """Build and start the engines for ``config`` against the OPA at ``url``.
 
     ``enforcing``, when given (the started embedded engine), decides instead
-    of an OPA at ``url``; the stack closes it.
+    of an OPA at ``url``; the stack closes it. ``supervised``: ``url`` is the
+    gateway's own local OPA, which always serves a bundle (``require_bundle``).
     """
     opa: EnforcingEngine
     if enforcing is None:
-        opa_server = OpaEngine(url, decision_path=config.decision_path, timeout_s=config.timeout_s)
+        opa_server = OpaEngine(
+            url,
+            decision_path=config.decision_path,
+            timeout_s=config.timeout_s,
+            require_bundle=config.require_bundle or supervised,
+        )
         await opa_server.start()
         opa = opa_server
     else:
