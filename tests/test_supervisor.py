@@ -29,12 +29,13 @@ INPUT = {
 
 
 async def decide(opa: LocalOpa) -> bool:
+    """Whether OPA allows INPUT; False also while no bundle is active (no "result")."""
     async with (
         aiohttp.ClientSession() as session,
         session.post(opa.url + DECISION, json=INPUT) as response,
     ):
         body = await response.json()
-        return bool(body["result"]["allow"])
+        return bool(body.get("result", {}).get("allow", False))
 
 
 class TestLocalOpa:
