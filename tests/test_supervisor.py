@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -28,14 +29,20 @@ INPUT = {
 }
 
 
-async def decide(opa: LocalOpa) -> bool:
-    """Whether OPA allows INPUT; False also while no bundle is active (no "result")."""
+async def decision(opa: LocalOpa) -> dict[str, Any]:
+    """OPA's decision for INPUT; {} while no bundle is active (no "result")."""
     async with (
         aiohttp.ClientSession() as session,
         session.post(opa.url + DECISION, json=INPUT) as response,
     ):
         body = await response.json()
-        return bool(body.get("result", {}).get("allow", False))
+        result: dict[str, Any] = body.get("result", {})
+        return result
+
+
+async def decide(opa: LocalOpa) -> bool:
+    """Whether OPA allows INPUT (False also while no bundle is active)."""
+    return bool((await decision(opa)).get("allow", False))
 
 
 class TestLocalOpa:
@@ -80,7 +87,8 @@ class TestLocalOpa:
                 if not await decide(opa):
                     break
                 await asyncio.sleep(0.1)
-            assert await decide(opa) is False
+            denied = await decision(opa)
+            assert (denied["allow"], denied["reasons"]) == (False, ["method_not_allowed"])
         finally:
             await opa.stop()
 
