@@ -68,6 +68,11 @@ class RequestContext:
     #: Header fields a stage wants on the response, whichever it is (proxied or
     #: problem); appended by the edge's ``on_response_prepare`` hook.
     response_headers: dict[str, str] = field(default_factory=dict)
+    #: Set by the edge when its ``finally`` ran, and by ``on_response_prepare``
+    #: when headers went out: whichever comes second unlinks the context from
+    #: the request (see :func:`gateway.middleware.release_context`).
+    edge_done: bool = False
+    response_prepared: bool = False
 
 
 #: Request-scoped key under which the middleware stores the context.

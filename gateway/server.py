@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import uuid
@@ -104,6 +105,7 @@ async def serve(
     try:
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()
+        _settle_heap()
         _log.info("listening", extra={"address": site.name})
         if ready is not None:
             ready.set()
@@ -118,3 +120,16 @@ async def serve(
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(Exception):
                     loop.remove_signal_handler(sig)
+
+
+def _settle_heap() -> None:
+    """Move everything alive after start-up out of the cyclic GC's reach.
+
+    Modules, config, keys, compiled policies and pools live for the whole
+    process; left in the collector's oldest generation, every full collection
+    walks them all again (measured: 67-79 ms pauses under load, the tail of
+    the added p99). ``gc.freeze`` leaves them to reference counting, so a full
+    collection walks only what requests created (ADR 0021).
+    """
+    gc.collect()
+    gc.freeze()
