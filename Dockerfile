@@ -31,7 +31,9 @@ COPY registry ./registry
 COPY bus ./bus
 COPY audit ./audit
 COPY problemjson ./problemjson
-RUN /opt/nops/bin/pip install --no-cache-dir -c constraints.txt . && rm -rf /root/.cache
+# With the 'embedded' extra (wasmtime), so [policy] engine = "embedded" works in
+# the image too; it compiles the policy with the bundled opa into /tmp.
+RUN /opt/nops/bin/pip install --no-cache-dir -c constraints.txt ".[embedded]" && rm -rf /root/.cache
 
 FROM python:3.11.14-slim-bookworm
 RUN groupadd --system --gid 10001 gateway \
