@@ -66,13 +66,21 @@ def test_invalid_requests(case: OpenApiCase, live_registry: LiveServer) -> None:
 
 def test_stateful(live_registry: LiveServer) -> None:
     """Sequences along the document's links keep to the contract, and the links work."""
-    steps = run_stateful(load(REGISTRY_DOC, GenerationMode.POSITIVE), live_registry.url)
-    seen = {(step.operation, step.status) for step in steps}
     # Registered agents were found, changed, kept alive and removed by the id they got.
-    assert {
+    followed = {
         ("registerAgent", 201),
         ("getAgent", 200),
         ("updateAgent", 200),
         ("heartbeatAgent", 200),
         ("deleteAgent", 204),
-    } <= seen, sorted(seen)
+    }
+    seen: set[tuple[str, int]] = set()
+    # Every step of every run is held to the contract; the exploration is random
+    # (a CI run once took no successful update), so it may take up to 3 runs to
+    # walk every link. A broken link is never walked, whatever the count.
+    for _ in range(3):
+        steps = run_stateful(load(REGISTRY_DOC, GenerationMode.POSITIVE), live_registry.url)
+        seen |= {(step.operation, step.status) for step in steps}
+        if followed <= seen:
+            break
+    assert followed <= seen, sorted(seen)
