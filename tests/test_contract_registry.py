@@ -75,12 +75,14 @@ def test_stateful(live_registry: LiveServer) -> None:
         ("deleteAgent", 204),
     }
     seen: set[tuple[str, int]] = set()
+    updates: list[tuple[int, object]] = []
     # Every step of every run is held to the contract; the exploration is random
     # (a CI run once took no successful update), so it may take up to 3 runs to
     # walk every link. A broken link is never walked, whatever the count.
     for _ in range(3):
         steps = run_stateful(load(REGISTRY_DOC, GenerationMode.POSITIVE), live_registry.url)
         seen |= {(step.operation, step.status) for step in steps}
+        updates += [(s.status, s.body) for s in steps if s.operation == "updateAgent"]
         if followed <= seen:
             break
-    assert followed <= seen, sorted(seen)
+    assert followed <= seen, (sorted(seen), updates[:8])
