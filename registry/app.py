@@ -383,9 +383,12 @@ async def _edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         error = _from_http(exc)
         allow = exc.headers.get(hdrs.ALLOW)
-    except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError):
+    except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
         # Validation runs first; reaching here means a rule is missing there.
-        _log.warning("input passed validation but not the schema")
+        _log.warning(
+            "input passed validation but not the schema",
+            extra={"sqlstate": exc.sqlstate, "constraint": getattr(exc, "constraint_name", None)},
+        )
         error = MalformedBody("the store refused a value in this request")
     except STORE_ERRORS as exc:
         _log.warning("store unavailable", extra={"error": type(exc).__name__})

@@ -196,7 +196,9 @@ def validate_endpoint_url(value: object, limits: Limits = DEFAULT_LIMITS) -> str
     if not host or not port:
         raise bad("no_host", "endpoint_url must name a host")
     _check_address(host, bad)
-    return value
+    # The scheme is case-insensitive (RFC 3986 §3.1); it is stored in its
+    # canonical lower case, which the database's CHECK also requires.
+    return url.scheme + value[len(url.scheme) :]
 
 
 def _check_address(host: str, bad: Any) -> None:

@@ -93,6 +93,8 @@ class Step:
     operation: str
     status: int
     body: Any
+    #: What was sent: path parameters and JSON body (for a failure's message).
+    sent: Any = None
 
 
 def run_stateful(schema: OpenApiSchema, base_url: str) -> list[Step]:
@@ -120,7 +122,8 @@ def run_stateful(schema: OpenApiSchema, base_url: str) -> list[Step]:
             except ValueError:
                 body = None
             operation = case.operation.definition.raw["operationId"]
-            steps.append(Step(operation, response.status_code, body))
+            sent = {"path": case.path_parameters, "body": case.body}
+            steps.append(Step(operation, response.status_code, body, sent))
 
         def validate_response(self, response: Any, case: OpenApiCase, **kwargs: Any) -> None:
             case.validate_response(response, checks=CHECKS, transport_kwargs=kwargs)

@@ -114,6 +114,29 @@ class TestLifecycle:
         stored = await (await registry.get("/agents/a1", headers=ACME)).json()
         assert stored["weight"] == 7
 
+    @pytest.mark.parametrize(
+        ("path", "method", "url", "stored"),
+        [
+            pytest.param("/agents", "POST", "HTTP://agents.example/a", "http://agents.example/a",
+                         id="register-upper"),
+            pytest.param("/agents/a1", "PATCH", "HttPs://Agents.example:8443/a",
+                         "https://Agents.example:8443/a", id="update-mixed"),
+        ],
+    )  # fmt: skip
+    async def test_url_scheme_is_stored_in_lower_case(
+        self, registry: Client, path: str, method: str, url: str, stored: str
+    ) -> None:
+        """HTTP://... is a valid URL: stored as http://... (the table's CHECK wants that),
+        not refused by the database after passing validation (found by the contract tests)."""
+        if method == "PATCH":
+            await registry.post("/agents", json=agent_body("a1"), headers=ACME)
+        body = agent_body("a1", endpoint_url=url) if method == "POST" else {"endpoint_url": url}
+        response = await registry.request(method, path, json=body, headers=ACME)
+        assert response.status in (200, 201), await response.text()
+        assert (await response.json())["endpoint_url"] == stored
+        again = await (await registry.get("/agents/a1", headers=ACME)).json()
+        assert again["endpoint_url"] == stored
+
     async def test_name_defaults_to_id(self, registry: Client) -> None:
         """A registration without a name is named by its id."""
         response = await registry.post("/agents", json=agent_body("a1"), headers=ACME)
