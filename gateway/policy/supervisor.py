@@ -43,7 +43,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 
@@ -75,28 +75,17 @@ class LocalBundle:
     key_id: str = "nops-bundle"
     signing_alg: str = "ES256"
 
-    def opa_config(self, service_url: str) -> dict[str, object]:
+    def opa_config(self, service_url: str) -> dict[str, Any]:
         """OPA configuration: one bundle polled from ``service_url``, verified on every load."""
-        return {
-            "services": {"local": {"url": service_url}},
-            "bundles": {
-                "nops": {
-                    "service": "local",
-                    "resource": BUNDLE_RESOURCE,
-                    "polling": {
-                        "min_delay_seconds": _BUNDLE_POLL_S[0],
-                        "max_delay_seconds": _BUNDLE_POLL_S[1],
-                    },
-                    "signing": {"keyid": self.key_id},
-                }
-            },
-            "keys": {
-                self.key_id: {
-                    "algorithm": self.signing_alg,
-                    "key": self.verification_key_file.read_text(),
-                }
-            },
+        config = _dir_config(service_url)
+        config["bundles"]["nops"]["signing"] = {"keyid": self.key_id}
+        config["keys"] = {
+            self.key_id: {
+                "algorithm": self.signing_alg,
+                "key": self.verification_key_file.read_text(),
+            }
         }
+        return config
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,8 +352,9 @@ class LocalOpa:
             await process.wait()
 
 
-def _dir_config(service_url: str) -> dict[str, object]:
-    """OPA configuration: the bundle built from the policy directory, polled from us."""
+def _dir_config(service_url: str) -> dict[str, Any]:
+    """OPA configuration: the bundle built from the policy directory, polled from us
+    (the signed bundle's configuration adds its verification to this)."""
     return {
         "services": {"local": {"url": service_url}},
         "bundles": {
