@@ -31,6 +31,7 @@ COPY registry ./registry
 COPY bus ./bus
 COPY audit ./audit
 COPY problemjson ./problemjson
+COPY secretfile ./secretfile
 # With the 'embedded' extra (wasmtime), so [policy] engine = "embedded" works in
 # the image too; it compiles the policy with the bundled opa into /tmp.
 RUN /opt/nops/bin/pip install --no-cache-dir -c constraints.txt ".[embedded]" && rm -rf /root/.cache

@@ -13,8 +13,9 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
+
+from secretfile import SecretFileError, read_secret_file
 
 __all__ = [
     "DEFAULT_BUS_CONFIG",
@@ -124,13 +125,10 @@ def config_from_env(environ: Mapping[str, str] | None = None, **overrides: Any) 
 def _read_file(key: str, name: str, path: str) -> str:
     """The text of a secret file; the error names the file, never its content."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise BusConfigError(key, f"{name}: cannot read {path}: {reason}") from None
-    value = text.removesuffix("\n").removesuffix("\r")
-    _require(bool(value), key, f"{name}: {path} is empty")
-    return value
+        return read_secret_file(path)
+    except SecretFileError as exc:
+        detail = f"{path} is empty" if exc.empty else f"cannot read {path}: {exc.reason}"
+        raise BusConfigError(key, f"{name}: {detail}") from None
 
 
 def _coerce(key: str, annotation: object, raw: str) -> Any:

@@ -37,6 +37,7 @@ from registry.migrate import migrate_down as _down
 from registry.migrate import migrate_up as _up
 from registry.settings import RegistrySettings, admin_key_digest
 from registry.status import StatusPolicy
+from secretfile import SecretFileError, read_secret_file
 
 __all__ = ["main"]
 
@@ -159,14 +160,11 @@ async def _migrate(args: argparse.Namespace) -> int:
 def _read_dsn_file(path: str) -> str:
     """The DSN held in ``path``; errors name the file, never its content."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ValueError(f"cannot read the DSN file {path}: {reason}") from None
-    dsn = text.removesuffix("\n").removesuffix("\r")
-    if not dsn:
-        raise ValueError(f"the DSN file {path} is empty")
-    return dsn
+        return read_secret_file(path)
+    except SecretFileError as exc:
+        if exc.empty:
+            raise ValueError(f"the DSN file {path} is empty") from None
+        raise ValueError(f"cannot read the DSN file {path}: {exc.reason}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

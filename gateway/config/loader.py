@@ -16,8 +16,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from gateway.config.checks import ENV_PREFIX, FILE_ENV_PREFIX, ConfigError, _require
+from gateway.config.checks import ENV_PREFIX, FILE_ENV_PREFIX, ConfigError
 from gateway.config.root import Config
+from secretfile import SecretFileError, read_secret_file
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
@@ -73,13 +74,10 @@ def _apply_env(table: dict[str, Any], environ: Mapping[str, str]) -> None:
 def _secret_file_value(path: str, key: str, name: str) -> str:
     """The text of the file ``name`` points at: a secret, never echoed in an error."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(key, f"{name}: cannot read {path}: {reason}") from None
-    value = text.removesuffix("\n").removesuffix("\r")
-    _require(bool(value), key, f"{name}: {path} is empty")
-    return value
+        return read_secret_file(path)
+    except SecretFileError as exc:
+        detail = f"{path} is empty" if exc.empty else f"cannot read {path}: {exc.reason}"
+        raise ConfigError(key, f"{name}: {detail}") from None
 
 
 def _env_value(raw: str) -> Any:
