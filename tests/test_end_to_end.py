@@ -19,6 +19,17 @@ from tests.rawhttp import raw_request
 Client = TestClient[Any, Any]
 
 
+def _open_echo_route(server: TestServer) -> dict[str, Any]:
+    """An unauthenticated ``/echo/`` route to ``server`` (a test's own upstream)."""
+    return {
+        "name": "echo",
+        "prefix": "/echo/",
+        "upstream": str(server.make_url("")).rstrip("/"),
+        "auth": "none",
+        "require_signature": False,
+    }
+
+
 class TestAllowedRequests:
     async def test_get_is_proxied_with_forwarding_headers(self, gateway: Client) -> None:
         """An allowed GET reaches the upstream with path, query and X-Forwarded-* intact."""
@@ -74,17 +85,7 @@ class TestAllowedRequests:
         server = TestServer(app, host="127.0.0.1")
         await server.start_server()
         try:
-            gateway = await make_gateway(
-                routes=[
-                    {
-                        "name": "echo",
-                        "prefix": "/echo/",
-                        "upstream": str(server.make_url("")).rstrip("/"),
-                        "auth": "none",
-                        "require_signature": False,
-                    }
-                ]
-            )
+            gateway = await make_gateway(routes=[_open_echo_route(server)])
             response = await asyncio.wait_for(gateway.get("/echo/slow"), timeout=10)
             assert response.status == 200
             assert response.headers["X-Upstream"] == "yes"
@@ -144,17 +145,7 @@ class TestAllowedRequests:
         server = TestServer(app, host="127.0.0.1")
         await server.start_server()
         try:
-            gateway = await make_gateway(
-                routes=[
-                    {
-                        "name": "echo",
-                        "prefix": "/echo/",
-                        "upstream": str(server.make_url("")).rstrip("/"),
-                        "auth": "none",
-                        "require_signature": False,
-                    }
-                ]
-            )
+            gateway = await make_gateway(routes=[_open_echo_route(server)])
             response = await gateway.get("/echo/go", allow_redirects=False)
             assert response.status == 302
             assert response.headers["Location"] == str(server.make_url("/internal"))
