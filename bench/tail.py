@@ -30,6 +30,8 @@ import urllib.request
 from datetime import datetime
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench import loadgen
 from bench import run as bench_run
 from bench.harness import ROOT, free_port, wait_http
@@ -63,15 +65,11 @@ def _durations(log: Path, since: datetime) -> list[tuple[float, float]]:
 def _stage_tails(metrics: str, threshold_s: float) -> dict[str, float]:
     """Per stage: the share of its observations above ``threshold_s`` (bucket bound)."""
     buckets: dict[str, dict[float, float]] = collections.defaultdict(dict)
-    for line in metrics.splitlines():
-        if not line.startswith("nops_gateway_stage_duration_seconds_bucket{"):
-            continue
-        labels, _, count = line.partition("} ")
-        fields = dict(part.split("=", 1) for part in labels.split("{", 1)[1].split(","))
-        bound = fields["le"].strip('"')
-        buckets[fields["stage"].strip('"')][float("inf") if bound == "+Inf" else float(bound)] = (
-            float(count)
-        )
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == "nops_gateway_stage_duration_seconds_bucket":
+                bound = float(sample.labels["le"])  # "+Inf" parses as inf
+                buckets[sample.labels["stage"]][bound] = sample.value
     shares = {}
     for stage, counts in sorted(buckets.items()):
         total = counts[float("inf")]
