@@ -11,7 +11,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import pytest
@@ -36,6 +36,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TOOLS_BIN = Path(os.environ.get("TOOLS_BIN", ROOT / ".tools" / "bin"))
 OPA_BINARY = TOOLS_BIN / "opa"
 POLICY_DIR = ROOT / "policies" / "rego"
+#: The policy input of an anonymous GET on the shipped ``echo`` route (allowed).
+ECHO_GET_INPUT: Final[dict[str, Any]] = {
+    "version": 1,
+    "request": {"method": "GET", "path": "/echo/x", "route": "echo", "query": {}},
+    "tenant": {"id": None, "tier": None},
+    "subject": {"sub": None, "scopes": [], "roles": [], "agent_id": None},
+    "signature": {"keyid": None, "alg": None, "created": None},
+    "target": {"kind": "upstream", "destination": "echo", "classification": None},
+    "source": {"ip": "127.0.0.1"},
+}
 TEST_POLICY_DIR = ROOT / "tests" / "fixtures" / "rego"
 
 # A client of a test gateway: its ``app`` is the gateway's web.Application.

@@ -33,19 +33,11 @@ from tests.bundles import (  # noqa: F401 - the *_fixture names are fixtures
     rewrite_bundle,
     wait_healthy,
 )
-from tests.conftest import OPA_BINARY, ROOT, GatewayFactory, free_port
+from tests.conftest import ECHO_GET_INPUT, OPA_BINARY, ROOT, GatewayFactory, free_port
 
 SIDECAR_CONFIG = ROOT / "deploy" / "opa" / "config.yaml"
 
-ECHO_GET = {
-    "version": 1,
-    "request": {"method": "GET", "path": "/echo/x", "route": "echo", "query": {}},
-    "tenant": {"id": None, "tier": None},
-    "subject": {"sub": None, "scopes": [], "roles": [], "agent_id": None},
-    "signature": {"keyid": None, "alg": None, "created": None},
-    "target": {"kind": "upstream", "destination": "echo", "classification": None},
-    "source": {"ip": "127.0.0.1"},
-}
+ECHO_GET = ECHO_GET_INPUT
 
 
 class TestBuildBundle:

@@ -32,19 +32,11 @@ from tests.bundles import (  # noqa: F401 - the *_fixture names are fixtures
     deny_echo_get,
     keys_fixture,
 )
-from tests.conftest import OPA_BINARY, GatewayFactory, OpaProcess
+from tests.conftest import ECHO_GET_INPUT, OPA_BINARY, GatewayFactory, OpaProcess
 
 Client = TestClient[Any, Any]
 
-ECHO_GET: dict[str, Any] = {
-    "version": 1,
-    "request": {"method": "GET", "path": "/echo/x", "route": "echo", "query": {}},
-    "tenant": {"id": "acme", "tier": None},
-    "subject": {"sub": None, "scopes": [], "roles": [], "agent_id": None},
-    "signature": {"keyid": None, "alg": None, "created": None},
-    "target": {"kind": "upstream", "destination": "echo", "classification": None},
-    "source": {"ip": "127.0.0.1"},
-}
+ECHO_GET: dict[str, Any] = {**ECHO_GET_INPUT, "tenant": {"id": "acme", "tier": None}}
 ECHO_POST = {**ECHO_GET, "request": {**ECHO_GET["request"], "method": "POST"}}
 
 

@@ -12,16 +12,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.policy.opa import OpaEngine
-from tests.conftest import GatewayFactory, OpaProcess
+from tests.conftest import ECHO_GET_INPUT, GatewayFactory, OpaProcess
 
-INPUT: dict[str, Any] = {
-    "version": 1,
-    "request": {"method": "GET", "path": "/echo/x", "route": "echo", "query": {}},
-    "tenant": {"id": None, "tier": None},
-    "subject": {"sub": None, "scopes": [], "roles": [], "agent_id": None},
-    "signature": {"keyid": None, "alg": None, "created": None},
-    "target": {"kind": "upstream", "destination": "echo", "classification": None},
-}
+INPUT = ECHO_GET_INPUT
 
 
 class CountingRelay:

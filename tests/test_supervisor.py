@@ -13,20 +13,10 @@ import aiohttp
 import pytest
 
 from gateway.policy.supervisor import LocalOpa, LocalOpaError
-from tests.conftest import OPA_BINARY, POLICY_DIR, GatewayFactory
+from tests.conftest import ECHO_GET_INPUT, OPA_BINARY, POLICY_DIR, GatewayFactory
 
 DECISION = "/v1/data/nops/authz/decision"
-INPUT = {
-    "input": {
-        "version": 1,
-        "request": {"method": "GET", "path": "/echo/x", "route": "echo", "query": {}},
-        "tenant": {"id": None, "tier": None},
-        "subject": {"sub": None, "scopes": [], "roles": [], "agent_id": None},
-        "signature": {"keyid": None, "alg": None, "created": None},
-        "target": {"kind": "upstream", "destination": "echo", "classification": None},
-        "source": {"ip": "127.0.0.1"},
-    }
-}
+INPUT = {"input": ECHO_GET_INPUT}
 
 
 async def decision(opa: LocalOpa) -> dict[str, Any]:
