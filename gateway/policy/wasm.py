@@ -264,17 +264,15 @@ def _segments_end(section: bytes) -> int:
 
 
 def _uleb(data: bytes, position: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = data[position]
-        position += 1
-        result |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return result, position
+    return _leb128(data, position, signed=False)
 
 
 def _sleb(data: bytes, position: int) -> tuple[int, int]:
+    return _leb128(data, position, signed=True)
+
+
+def _leb128(data: bytes, position: int, *, signed: bool) -> tuple[int, int]:
+    """A LEB128 integer at ``position``: (its value, the position after it)."""
     result = shift = 0
     while True:
         byte = data[position]
@@ -282,6 +280,6 @@ def _sleb(data: bytes, position: int) -> tuple[int, int]:
         result |= (byte & 0x7F) << shift
         shift += 7
         if byte < 0x80:
-            if byte & 0x40:
+            if signed and byte & 0x40:
                 result -= 1 << shift
             return result, position
