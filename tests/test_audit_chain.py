@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import os
 import stat
-from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
@@ -14,12 +13,13 @@ import pytest
 
 from audit import AppendFailed, Entry, Summarizer
 from audit.checkpoint import DEFAULT_KEY_NAME
-from audit.record import Record, genesis_hash, record_hash
+from audit.record import genesis_hash, record_hash
 from audit.setup import CHAIN_ID_FILE, open_audit_log
 from audit.stores import StoreError
 from audit.stores.file import checkpoints_path
 from audit.verify import verify_file
 from tests.audit_support import (
+    append_behind_a_held_write,
     entry,
     open_log,
     public_key_file,
@@ -122,33 +122,13 @@ class TestGroupCommit:
         slow fsync would) and counts the records of every durable write.
         """
         log = await open_log(tmp_path, checkpoint_every=10_000)
-        store = log.store
-        real_write = store.write
-        in_flight = asyncio.Event()
-        release = asyncio.Event()
-        writes: list[int] = []
-
-        async def held_write(records: Sequence[Record]) -> None:
-            writes.append(len(records))
-            if len(writes) == 1:
-                in_flight.set()
-                await release.wait()
-            await real_write(records)
-
-        store.write = held_write  # type: ignore[method-assign]
-        first = asyncio.ensure_future(log.append(entry(0)))
-        await in_flight.wait()
-        later = [asyncio.ensure_future(log.append(entry(n))) for n in range(1, 201)]
-        for _ in range(5):
-            await asyncio.sleep(0)  # the writer is stuck in write: nothing else starts
-        assert writes == [1]
-        release.set()
-        records = await asyncio.gather(first, *later)
-        syncs = store.syncs
+        held = await append_behind_a_held_write(log, 200)
+        syncs = log.store.syncs
         await log.close()
-        assert writes == [1, 200]
+        assert held.writes_while_held == [1]
+        assert held.writes == [1, 200]
         assert syncs == 2
-        assert [r.seq for r in records] == list(range(1, 202))
+        assert [r.seq for r in held.records] == list(range(1, 202))
         assert verify_file(tmp_path / "audit.jsonl", keys=trusted_keys(tmp_path)).intact
 
     async def test_batches_never_exceed_batch_max(self, tmp_path: Path) -> None:

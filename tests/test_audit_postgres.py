@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +13,12 @@ import orjson
 import pytest
 
 from audit import AuditLog
-from audit.record import Record, canonical, record_hash
+from audit.record import canonical, record_hash
 from audit.setup import open_audit_log
 from audit.stores import StoreError
 from audit.stores.postgres import application_name
 from audit.verify import Report, verify_postgres
-from tests.audit_support import entry, settings, trusted_keys
+from tests.audit_support import append_behind_a_held_write, entry, settings, trusted_keys
 from tests.services import PostgresService
 
 
@@ -117,31 +117,12 @@ class TestPostgresStore:
         """
         chain = _chain()
         log = await _open(tmp_path, postgres_server.dsn, chain, checkpoint_every=10_000)
-        real_write = log.store.write
-        in_flight = asyncio.Event()
-        release = asyncio.Event()
-        writes: list[int] = []
-
-        async def held_write(records: Sequence[Record]) -> None:
-            writes.append(len(records))
-            if len(writes) == 1:
-                in_flight.set()
-                await release.wait()
-            await real_write(records)
-
-        log.store.write = held_write  # type: ignore[method-assign]
-        first = asyncio.ensure_future(log.append(entry(0)))
-        await in_flight.wait()
-        later = [asyncio.ensure_future(log.append(entry(n))) for n in range(1, 201)]
-        for _ in range(5):
-            await asyncio.sleep(0)
-        release.set()
-        records = await asyncio.gather(first, *later)
+        held = await append_behind_a_held_write(log, 200)
         syncs = log.store.syncs
         await log.close()
-        assert writes == [1, 200]
+        assert held.writes == [1, 200]
         assert syncs == 2
-        assert [r.seq for r in records] == list(range(1, 202))
+        assert [r.seq for r in held.records] == list(range(1, 202))
         assert await _transactions(postgres_server.dsn, chain) == [[1], list(range(2, 202))]
         report = await _verify(tmp_path, postgres_server.dsn, chain)
         assert report.intact, report.damage
